@@ -1,0 +1,36 @@
+# One command on a fresh clone: every target creates (or reuses) .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch is the test oracle only, never a runtime dependency (2.13.0 is the CPU build used here).
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: install test lint format bench bench-quick train-mnist train-regression clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[all]'
+	touch $@
+
+$(VENV)/.torch: $(VENV)/.installed
+	$(PIP) install -q '$(TORCH_SPEC)'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed $(VENV)/.torch
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check jlstm experiments tests
+	$(VENV)/bin/ruff format --check jlstm experiments tests
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format jlstm experiments tests
+	$(VENV)/bin/ruff check --fix jlstm experiments tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
