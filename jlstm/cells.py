@@ -50,7 +50,7 @@ def gru_step(w_hh: jax.Array, b_hn: jax.Array | None, h: jax.Array, xw_t: jax.Ar
     x_r, x_z, x_n = jnp.split(xw_t, 3, axis=-1)
     h_r, h_z, h_n = jnp.split(h @ w_hh.T, 3, axis=-1)
     if b_hn is not None:
-        h_n = h_n + b_hn
+        h_n = h_n + _rows(b_hn, h_n)
     r = sigmoid(x_r + h_r)
     z = sigmoid(x_z + h_z)
     n = jnp.tanh(x_n + r * h_n)
@@ -77,8 +77,13 @@ def input_projection(kind: str, w: P.Weights, x: jax.Array) -> tuple[jax.Array, 
         folded = w.b_ih + jnp.concatenate(
             [w.b_hh[: 2 * hidden], jnp.zeros_like(w.b_hh[2 * hidden :])]
         )
-        return xw + folded, w.b_hh[2 * hidden :]
-    return xw + (w.b_ih + w.b_hh), None
+        return xw + _rows(folded, xw), w.b_hh[2 * hidden :]
+    return xw + _rows(w.b_ih + w.b_hh, xw), None
+
+
+def _rows(b: jax.Array, like: jax.Array) -> jax.Array:
+    """A bias vector with ``like``'s leading axes added, so it adds under ``jax_numpy_rank_promotion="raise"``."""
+    return jnp.expand_dims(b, tuple(range(like.ndim - 1)))
 
 
 def step_fn(kind: str, w: P.Weights, b_hn: jax.Array | None, nonlinearity: str = "tanh"):
