@@ -95,6 +95,6 @@ def to_torch(params: Mapping) -> dict[str, np.ndarray]:
         )
     out = {}
     for name in sorted(params, key=_sort_key):
-        value = np.asarray(params[name])
+        value = np.array(params[name])  # a writable copy: torch.from_numpy warns on read-only arrays
         out[name] = value.astype(np.float32) if value.dtype == jnp.bfloat16 else value
     return out
