@@ -32,5 +32,12 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format jlstm experiments tests
 	$(VENV)/bin/ruff check --fix jlstm experiments tests
 
+# Round-robin timing against torch (and flax, and cuDNN on GPU); see BENCHMARKS.md. ARGS="--cases mnist".
+bench: $(VENV)/.installed $(VENV)/.torch
+	$(PY) -m experiments.bench $(ARGS)
+
+bench-quick: $(VENV)/.installed $(VENV)/.torch
+	$(PY) -m experiments.bench --quick $(ARGS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
