@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jlstm import cells
+from jlstm import cells, recurrence
 from jlstm import params as P
 
 
@@ -104,6 +104,45 @@ def _check_dropout(fn: str, dropout) -> None:
         )
 
 
+IMPLS = ("auto", "fused", "scan")
+
+
+def _check_impl(fn: str, kind: str, structure: P.Structure, impl, unroll) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "fused" and (kind == "rnn" or structure.proj_size):
+        raise ValueError(
+            f"{fn}: impl='fused' (hand-written backward) covers LSTM without proj_size and GRU; "
+            f"this is {'an RNN' if kind == 'rnn' else 'an LSTM with proj_size'}: use impl='auto'"
+        )
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+        raise ValueError(
+            f"{fn}: unroll must be an int >= 1 (time steps per loop iteration), got {unroll!r}"
+        )
+
+
+def _direction(kind, w, x, carry, valid, reverse, nonlinearity, impl, unroll):
+    """One direction of one layer over the whole sequence: ``(final carry, outputs)``.
+
+    LSTM (without projection) and GRU run on :mod:`jlstm.recurrence`, whose hand-written backward
+    forms the weight gradients in one matmul after the loop, unless ``impl="scan"`` asks for plain
+    autodiff through ``lax.scan`` over the cell (the reference path; RNN and projected LSTM use it).
+    """
+    xw, b_hn = cells.input_projection(kind, w, x)
+    fused = impl != "scan" and (kind == "gru" or (kind == "lstm" and w.w_hr is None))
+    if fused and kind == "lstm":
+        ys, h, c = recurrence.lstm_recurrence(w.w_hh, xw, *carry, valid, reverse, unroll)
+        return (h, c), ys
+    if fused:
+        b_hn = jnp.zeros(w.w_hh.shape[1], xw.dtype) if b_hn is None else b_hn
+        ys, h = recurrence.gru_recurrence(w.w_hh, b_hn, xw, carry, valid, reverse, unroll)
+        return h, ys
+    step = cells.step_fn(kind, w, b_hn, nonlinearity)
+    if valid is None:
+        return lax.scan(step, carry, xw, reverse=reverse, unroll=unroll)
+    return lax.scan(partial(_masked, step), carry, (xw, valid), reverse=reverse, unroll=unroll)
+
+
 def _stack(
     kind: str,
     structure: P.Structure,
@@ -113,6 +152,8 @@ def _stack(
     dropout: float,
     key: jax.Array | None,
     nonlinearity: str = "tanh",
+    impl: str = "auto",
+    unroll: int = 1,
 ):
     """Runs every layer and direction; ``state`` is a pytree of ``(D*num_layers, N, ·)`` arrays."""
     valid = (
@@ -124,14 +165,9 @@ def _stack(
         for direction, w in enumerate(directions):
             index = layer * structure.num_directions + direction
             carry = jax.tree.map(lambda s, i=index: s[i], state)
-            xw, b_hn = cells.input_projection(kind, w, x)
-            step = cells.step_fn(kind, w, b_hn, nonlinearity)
-            if valid is None:
-                carry, y = lax.scan(step, carry, xw, reverse=direction == 1)
-            else:
-                carry, y = lax.scan(
-                    partial(_masked, step), carry, (xw, valid), reverse=direction == 1
-                )
+            carry, y = _direction(
+                kind, w, x, carry, valid, direction == 1, nonlinearity, impl, unroll
+            )
             finals.append(carry)
             outputs.append(y)
         x = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
@@ -154,9 +190,12 @@ def _run(
     dropout,
     key,
     nonlinearity="tanh",
+    impl="auto",
+    unroll=1,
 ):
     structure = P.layer_structure(fn, kind, params)
     _check_dropout(fn, dropout)
+    _check_impl(fn, kind, structure, impl, unroll)
     x, batched = _check_input(fn, x, structure, batch_first)
     length, batch = x.shape[:2]
     lengths = _check_lengths(fn, seq_lengths, length, batch, batched)
@@ -179,7 +218,7 @@ def _run(
     else:
         state = _check_state(fn, "h0", state, h_shape, batched, dtype)
     output, final = _stack(
-        kind, structure, x.astype(dtype), state, lengths, dropout, key, nonlinearity
+        kind, structure, x.astype(dtype), state, lengths, dropout, key, nonlinearity, impl, unroll
     )
     if not batched:
         return output[:, 0], jax.tree.map(lambda s: s[:, 0], final)
@@ -195,6 +234,8 @@ def lstm(
     seq_lengths: jax.Array | None = None,
     dropout: float = 0.0,
     key: jax.Array | None = None,
+    impl: str = "auto",
+    unroll: int = 1,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """``torch.nn.LSTM`` as a pure function: ``output, (h_n, c_n) = lstm(params, x, (h_0, c_0))``.
 
@@ -212,6 +253,10 @@ def lstm(
       dropout: torch's dropout on the outputs of every layer but the last, applied only when ``key``
         is given (training); without a key the call is deterministic (``module.eval()``).
       key: a PRNG key for dropout.
+      impl: ``"auto"`` (default: the hand-written backward of :mod:`jlstm.recurrence` where it
+        applies, i.e. without ``proj_size``), ``"fused"`` to require it, or ``"scan"`` for plain
+        autodiff through ``lax.scan`` over the cell. All give torch's numbers.
+      unroll: time steps per loop iteration (``lax.scan``'s ``unroll``); a speed knob only.
 
     Returns:
       ``output`` ``(L, N, D*H_out)`` (``(N, L, D*H_out)`` with ``batch_first``) and ``(h_n, c_n)``.
@@ -232,6 +277,8 @@ def lstm(
         seq_lengths=seq_lengths,
         dropout=dropout,
         key=key,
+        impl=impl,
+        unroll=unroll,
     )
 
 
@@ -244,6 +291,8 @@ def gru(
     seq_lengths: jax.Array | None = None,
     dropout: float = 0.0,
     key: jax.Array | None = None,
+    impl: str = "auto",
+    unroll: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """``torch.nn.GRU`` as a pure function: ``output, h_n = gru(params, x, h_0)``.
 
@@ -264,6 +313,8 @@ def gru(
         seq_lengths=seq_lengths,
         dropout=dropout,
         key=key,
+        impl=impl,
+        unroll=unroll,
     )
 
 
@@ -277,6 +328,8 @@ def rnn(
     seq_lengths: jax.Array | None = None,
     dropout: float = 0.0,
     key: jax.Array | None = None,
+    impl: str = "auto",
+    unroll: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """``torch.nn.RNN`` (Elman, ``nonlinearity="tanh"`` or ``"relu"``): ``output, h_n = rnn(params, x, h_0)``.
 
@@ -299,6 +352,8 @@ def rnn(
         dropout=dropout,
         key=key,
         nonlinearity=nonlinearity,
+        impl=impl,
+        unroll=unroll,
     )
 
 
