@@ -257,3 +257,25 @@ def test_pad_sequence_mismatched_trailing_shape():
         match=r"sequence 1 has shape \(2, 3\) but every sequence must be \(L_i, \*\(4,\)\)",
     ):
         jlstm.pad_sequence([jnp.ones((3, 4)), jnp.ones((2, 3))])
+
+
+def test_unknown_impl():
+    with pytest.raises(
+        ValueError, match=r"impl must be one of \('auto', 'fused', 'scan'\), got 'cudnn'"
+    ):
+        jlstm.lstm(LSTM, X, impl="cudnn")
+
+
+def test_fused_impl_not_available_for_projection():
+    params = jlstm.init_lstm(KEY, 4, 6, proj_size=2)
+    with pytest.raises(
+        ValueError,
+        match=r"impl='fused' .* covers LSTM without proj_size and GRU; this is an LSTM with proj_size",
+    ):
+        jlstm.lstm(params, X, impl="fused")
+
+
+@pytest.mark.parametrize("unroll", [0, 1.5, True], ids=str)
+def test_bad_unroll(unroll):
+    with pytest.raises(ValueError, match=r"unroll must be an int >= 1 .*got"):
+        jlstm.gru(GRU, X, unroll=unroll)
