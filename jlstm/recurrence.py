@@ -45,8 +45,7 @@ def _gate_scales(hidden: int, dtype) -> tuple[jax.Array, jax.Array]:
 
 
 def _lstm_forward(w_hh, xw, h0, c0, valid, reverse, unroll):
-    hidden = c0.shape[-1]
-    scale, offset = _gate_scales(hidden, xw.dtype)
+    scale, offset = (v[None, :] for v in _gate_scales(c0.shape[-1], xw.dtype))  # (1, 4H)
 
     def step(carry, inputs):
         h, c = carry
@@ -130,7 +129,7 @@ def _gru_forward(w_hh, b_hn, xw, h0, valid, reverse, unroll):
         xw_t, valid_t = _split(inputs, valid is not None)
         x_rz, x_n = xw_t[..., : 2 * h.shape[-1]], xw_t[..., 2 * h.shape[-1] :]
         hw = h @ w_hh.T
-        h_rz, h_n = hw[..., : 2 * h.shape[-1]], hw[..., 2 * h.shape[-1] :] + b_hn
+        h_rz, h_n = hw[..., : 2 * h.shape[-1]], hw[..., 2 * h.shape[-1] :] + b_hn[None, :]
         rz = 0.5 * jnp.tanh(0.5 * (x_rz + h_rz)) + 0.5
         r, z = jnp.split(rz, 2, axis=-1)
         n = jnp.tanh(x_n + r * h_n)
