@@ -1,0 +1,1 @@
+"""Training programs built on jlstm: ``python -m experiments.mnist``, ``experiments.regression``."""
