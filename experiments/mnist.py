@@ -1,0 +1,434 @@
+"""Row-by-row MNIST: an LSTM reads each 28x28 image as 28 rows of 28 pixels (the PyTorch tutorial).
+
+    make train-mnist                                  # defaults below; writes runs/mnist/
+    make train-mnist ARGS="--hidden-size 64 --epochs 1 --batch-size 64 --lr 0.01"   # the tutorial's
+    python -m experiments.mnist --dataset fashion_mnist --data-dir ../shared/tensorflow_datasets
+
+The model is ``jlstm.lstm`` (``batch_first``) and a linear layer on the last hidden state
+``h_n[-1]``; softmax cross-entropy, Adam from optax. Data comes through tfds' ArrayRecord data
+source (no TensorFlow needed), lives on the device, is shuffled there each epoch, and each chunk of
+training steps is one jitted ``lax.scan``. The work dir gets ``metrics.jsonl``, ``summary.json``,
+``curves.png``, ``predictions.png`` and an orbax checkpoint per epoch; rerunning the same command
+resumes from it, ``--restart`` starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import common, models
+from experiments.common import ExperimentError, option
+
+IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+EVAL_BATCH = 1000  # test images per forward pass in evaluation (bounds its memory)
+SHOWN = 20  # test digits drawn in predictions.png
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dataset: str = option("mnist", "tfds dataset of 28x28 grayscale images in 10 classes: "
+                          "mnist, fashion_mnist, kmnist")  # fmt: skip
+    data_dir: str | None = option(None, "where tfds looks for prepared data "
+                                  "(default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")  # fmt: skip
+    cell: str = option("lstm", "recurrent layer", choices=models.CELLS)
+    hidden_size: int = option(128, "hidden units per layer", type=common.positive_int)
+    num_layers: int = option(1, "stacked recurrent layers", type=common.positive_int)
+    bidirectional: bool = option(False, "read the rows both ways and join both final states")
+    epochs: int = option(6, "passes over the training set", type=common.positive_int)
+    batch_size: int = option(128, "images per training step", type=common.positive_int)
+    lr: float = option(0.003, "peak learning rate of Adam", type=common.positive_float)
+    schedule: str = option("cosine", "learning rate schedule: 'cosine' warms up over 5 %% of "
+                           "the steps then decays to 0; 'constant' keeps --lr",
+                           choices=("cosine", "constant"))  # fmt: skip
+    grad_clip: float = option(1.0, "clip gradients to this global norm (0: no clipping)",
+                              type=common.nonnegative_float)  # fmt: skip
+    eval_every: int = option(0, "also evaluate every N steps (0: after each epoch only)",
+                             type=common.nonnegative_int)  # fmt: skip
+    seed: int = option(0, "seed of the initial weights and of the shuffling",
+                       type=common.nonnegative_int)  # fmt: skip
+    workdir: str = option("runs/mnist", "directory for metrics, plots and checkpoints")
+    restart: bool = option(False, "delete the work dir's checkpoint and metrics, start over")
+
+
+# Flags that may change between a run and its resumption.
+RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart")
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def load(name: str, split: str, data_dir: str | None):
+    """``(images, labels, label_names)``: uint8 ``(N, 28, 28)``, int32 ``(N,)``, numpy arrays."""
+    source = _data_source(name, split, data_dir)
+    features = source.dataset_info.features
+    image_shape = tuple(features["image"].shape)
+    num_classes = features["label"].num_classes
+    if image_shape != IMAGE_SHAPE or num_classes != NUM_CLASSES:
+        raise ExperimentError(
+            f"--dataset {name} has images of shape {image_shape} in {num_classes} classes, but "
+            "this program reads 28x28 grayscale images in 10 classes (mnist, fashion_mnist, kmnist)"
+        )
+    examples = _read_all(source)
+    images = np.stack([ex["image"][..., 0] for ex in examples])
+    labels = np.array([ex["label"] for ex in examples], dtype=np.int32)
+    return images, labels, list(features["label"].names)
+
+
+def _data_source(name: str, split: str, data_dir: str | None):
+    import tensorflow_datasets as tfds
+
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    hint = (
+        "point --data-dir (or TFDS_DATA_DIR) at a directory that holds it prepared "
+        "(in this repository's CI: --data-dir ../shared/tensorflow_datasets)"
+    )
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ExperimentError(
+            f"tfds has no dataset named {name!r}; pass --dataset mnist, fashion_mnist or kmnist"
+        ) from None
+    except Exception:  # not prepared in data_dir (tfds raises several kinds): prepare it
+        pass
+    if importlib.util.find_spec("tensorflow") is None:
+        raise ExperimentError(
+            f"tfds found no prepared {name!r} in {where}, and preparing it needs TensorFlow "
+            f"(pip install 'jlstm[prepare]') and internet; or {hint}"
+        )
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExperimentError(
+            f"tfds could not download and prepare {name!r} in {where} ({reason}); "
+            f"without internet, {hint}"
+        ) from None
+
+
+def _read_all(source) -> list[dict]:
+    try:
+        return source.__getitems__(range(len(source)))  # one batched read
+    except TypeError:  # tfds.testing.mock_data's source lacks a working __getitems__
+        return [source[i] for i in range(len(source))]
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+def logits_fn(config: Config, params: dict, images: jax.Array) -> jax.Array:
+    """``(N, 10)`` logits of uint8 ``(N, 28, 28)`` images, read row by row."""
+    x = images.astype(jnp.float32) / 255.0
+    _, state = models.recurrent(config.cell, params, x, batch_first=True)
+    return models.head(
+        params, models.last_hidden(config.cell, state, bidirectional=config.bidirectional)
+    )
+
+
+def init_params(config: Config) -> dict:
+    return models.init(
+        jax.random.key(config.seed),
+        config.cell,
+        IMAGE_SHAPE[1],
+        config.hidden_size,
+        NUM_CLASSES,
+        num_layers=config.num_layers,
+        bidirectional=config.bidirectional,
+    )
+
+
+@functools.cache
+def compiled(config: Config, total_steps: int, chunk: int):
+    """``(tx, train_chunk, evaluate)`` for the model and optimizer that ``config`` describes.
+
+    Cached, so that runs in one process (tests, a notebook) compile each model once; call it with
+    ``dataclasses.replace(config, **UNCOMPILED)`` so that fields the functions ignore do not count.
+    """
+    tx = common.optimizer(
+        config.lr, total_steps, schedule=config.schedule, grad_clip=config.grad_clip
+    )
+    return tx, make_train_chunk(config, tx, chunk), make_evaluate(config)
+
+
+# Fields that the compiled functions do not depend on.
+UNCOMPILED = {"dataset": "", "data_dir": None, "eval_every": 0, "seed": 0, "workdir": "",
+              "restart": False}  # fmt: skip
+
+
+def make_train_chunk(config: Config, tx: optax.GradientTransformation, chunk: int):
+    """A jitted ``(state, batches, start, n, images, labels) -> (state, losses)``.
+
+    Runs the ``n <= chunk`` training steps whose example indices are ``batches[start:start + n]``
+    (``batches`` is an epoch's ``(steps, batch_size)`` indices into the on-device training set,
+    padded by ``chunk`` rows); the scan always has ``chunk`` iterations, those past ``n`` do
+    nothing, so one compilation serves every chunk.
+    """
+
+    def loss_fn(params, images, labels):
+        logits = logits_fn(config, params, images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def step(state, images, labels):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_chunk(state, batches, start, n, images, labels):
+        def body(state, i_batch):
+            i, batch = i_batch
+            return jax.lax.cond(
+                i < n,
+                lambda s: step(s, images[batch], labels[batch]),
+                lambda s: (s, jnp.zeros((), jnp.float32)),
+                state,
+            )
+
+        chunk_batches = jax.lax.dynamic_slice_in_dim(batches, start, chunk)
+        return jax.lax.scan(body, state, (jnp.arange(chunk), chunk_batches))
+
+    return train_chunk
+
+
+def make_evaluate(config: Config):
+    """A jitted ``(params, images, labels) -> (loss_sum, correct, predictions)`` over a test set
+    padded to whole ``EVAL_BATCH``es; padded examples carry label -1 and count for nothing."""
+
+    @jax.jit
+    def evaluate(params, images, labels):
+        def batch(args):
+            x, y = args
+            logits = logits_fn(config, params, x)
+            valid = y >= 0
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
+            pred = jnp.argmax(logits, axis=-1)
+            return jnp.sum(loss * valid), jnp.sum((pred == y) & valid), pred
+
+        shape = (-1, EVAL_BATCH)
+        loss, correct, pred = jax.lax.map(
+            batch, (images.reshape(shape + images.shape[1:]), labels.reshape(shape))
+        )
+        return loss.sum(), correct.sum(), pred.reshape(-1)
+
+    return evaluate
+
+
+def pad_to_batches(images: np.ndarray, labels: np.ndarray, size: int):
+    pad = -len(labels) % size
+    images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+    return images, np.concatenate([labels, np.full(pad, -1, labels.dtype)])
+
+
+def epoch_batches(
+    key: jax.Array, epoch: int, n: int, steps: int, batch_size: int, pad: int
+) -> jax.Array:
+    """An epoch's shuffled example indices, ``(steps + pad, batch_size)`` (the last ``pad`` rows
+    are zeros), made on the device."""
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    return jnp.pad(order[: steps * batch_size].reshape(steps, batch_size), ((0, pad), (0, 0)))
+
+
+def chunk_ends(start: int, end: int, chunk: int, eval_every: int) -> list[int]:
+    """Global steps in ``(start, end]`` where a jitted chunk stops: every ``chunk`` steps (so
+    the progress bar moves), at each multiple of ``eval_every``, and at ``end``."""
+    stops = set(range(start + chunk, end, chunk)) | {end}
+    if eval_every:
+        stops |= set(range(start - start % eval_every + eval_every, end, eval_every))
+    return sorted(stops)
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def train(config: Config) -> dict:
+    """Trains (or resumes) as ``config`` says, writes the work dir, returns the summary."""
+    workdir = common.Workdir(config.workdir, restart=config.restart)
+    checkpoints = workdir.checkpoints()
+    try:
+        return _train(config, workdir, checkpoints)
+    finally:
+        checkpoints.close()
+
+
+def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoints) -> dict:
+    meta = checkpoints.meta()
+    if meta is not None:
+        common.check_same_config(meta["config"], config, free=RESUMABLE_CHANGES)
+
+    train_x, train_y, _ = load(config.dataset, "train", config.data_dir)
+    test_x, test_y, label_names = load(config.dataset, "test", config.data_dir)
+    n_train, n_test = len(train_y), len(test_y)
+    if config.batch_size > n_train:
+        raise ExperimentError(
+            f"--batch-size {config.batch_size} is larger than the {n_train} training examples"
+        )
+    steps_per_epoch = n_train // config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+    train_x, train_y = jax.device_put(train_x), jax.device_put(train_y)
+    test_x, test_y = map(jax.device_put, pad_to_batches(test_x, test_y, EVAL_BATCH))
+
+    chunk = max(1, -(-steps_per_epoch // 10))  # the bar moves ~10 times per epoch
+    if config.eval_every:
+        chunk = min(chunk, config.eval_every)
+    tx, train_chunk, evaluate = compiled(
+        dataclasses.replace(config, **UNCOMPILED), total_steps, chunk
+    )
+    params = init_params(config)
+    state = (params, tx.init(params))
+    if meta is None:
+        epoch, step, seconds, step_seconds = 0, 0, 0.0, 0.0
+        workdir.metrics.keep_until(-1)
+    else:
+        state = checkpoints.restore(state)
+        epoch, step = meta["epoch"], meta["step"]
+        seconds, step_seconds = meta["seconds"], meta["step_seconds"]
+        workdir.metrics.keep_until(step)
+        if epoch < config.epochs:
+            print(f"resuming {workdir.path} after epoch {epoch}/{config.epochs} (step {step})")
+        else:
+            print(
+                f"{workdir.path} holds a run already finished; rewriting its summary and plots "
+                "(add --restart to train again)"
+            )
+
+    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    print(
+        f"{config.dataset}: {n_train} train / {n_test} test images; {config.cell} "
+        f"{config.hidden_size}x{config.num_layers}, {common.num_params(params)} parameters; "
+        f"{config.epochs} epochs of {steps_per_epoch} steps on {common.device_name()}"
+    )
+
+    predictions = None  # of the latest evaluation
+
+    def record(losses: list[float]) -> dict:
+        nonlocal predictions
+        loss_sum, correct, predictions = evaluate(state[0], test_x, test_y)
+        result = {
+            "epoch": round(step / steps_per_epoch, 4),
+            "step": step,
+            "train_loss": float(np.mean(losses)),
+            "test_loss": float(loss_sum) / n_test,
+            "test_accuracy": int(correct) / n_test,
+            "seconds": round(seconds + time.perf_counter() - started, 3),
+        }
+        workdir.metrics.append(result)
+        return result
+
+    started = time.perf_counter()
+    while epoch < config.epochs:
+        bar = common.progress(
+            steps_per_epoch * config.batch_size,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            unit="ex",
+            unit_scale=True,
+        )
+        batches = epoch_batches(
+            data_key, epoch, n_train, steps_per_epoch, config.batch_size, pad=chunk
+        )
+        losses: list[float] = []
+        first = epoch * steps_per_epoch
+        for end in chunk_ends(first, first + steps_per_epoch, chunk, config.eval_every):
+            n = end - step
+            t0 = time.perf_counter()
+            state, chunk_losses = train_chunk(state, batches, step - first, n, train_x, train_y)
+            losses.extend(np.asarray(chunk_losses[:n]).tolist())
+            step_seconds += time.perf_counter() - t0
+            step = end
+            bar.update(n * config.batch_size)
+            bar.set_postfix(loss=f"{np.mean(losses[-n:]):.4f}")
+            if (
+                config.eval_every
+                and step % config.eval_every == 0
+                and end < first + steps_per_epoch
+            ):
+                r = record(losses)
+                losses = []
+                bar.write(f"  step {step}: test accuracy {r['test_accuracy']:.2%}")
+        epoch += 1
+        r = record(losses)
+        bar.set_postfix(loss=f"{r['train_loss']:.4f}", test_acc=f"{r['test_accuracy']:.2%}")
+        bar.close()
+        checkpoints.save(
+            step,
+            state,
+            {
+                "epoch": epoch,
+                "step": step,
+                "seconds": r["seconds"],
+                "step_seconds": step_seconds,
+                "config": dataclasses.asdict(config),
+            },
+        )
+
+    records = workdir.metrics.records()
+    last = records[-1]
+    if predictions is None:  # a finished run, rerun: nothing was trained or evaluated
+        _, _, predictions = evaluate(state[0], test_x, test_y)
+    summary = {
+        "test_accuracy": last["test_accuracy"],
+        "test_loss": last["test_loss"],
+        "epochs": config.epochs,
+        "steps": step,
+        "train_seconds": last["seconds"],
+        "examples_per_second": round(step * config.batch_size / max(step_seconds, 1e-9), 1),
+        "num_params": common.num_params(state[0]),
+        "device": common.device_name(),
+        "config": dataclasses.asdict(config),
+    }
+    common.write_json(workdir / common.SUMMARY, summary)
+    common.plot_curves(
+        workdir / "curves.png",
+        records,
+        [("train_loss", "train loss", "log"), ("test_accuracy", "test accuracy", "percent")],
+        title=f"{config.dataset}: {config.cell} {config.hidden_size}, row by row",
+    )
+    plot_predictions(
+        workdir / "predictions.png",
+        np.asarray(test_x[:SHOWN]),
+        np.asarray(test_y[:SHOWN]),
+        np.asarray(predictions[:SHOWN]),
+        label_names,
+        title=f"{config.dataset} test images: predicted / true "
+        f"(accuracy {last['test_accuracy']:.2%} on all {n_test})",
+    )
+    print(
+        f"test accuracy {last['test_accuracy']:.2%} after {config.epochs} epochs, "
+        f"{last['seconds']:.0f} s of training; wrote {workdir.path}"
+    )
+    return summary
+
+
+def plot_predictions(path, images, labels, predictions, names, *, title: str) -> None:
+    """The first test images, each titled ``predicted / true`` (red where they differ)."""
+    plt = common.pyplot()
+    cols = 10
+    rows = -(-len(labels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.55 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label, pred in zip(axes.flat, images, labels, predictions, strict=False):
+        ax.imshow(image, cmap="gray_r")
+        ax.set_title(
+            f"{names[pred]} / {names[label]}",
+            fontsize=9,
+            color="black" if pred == label else "red",
+        )
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(common.main(train, Config, description=__doc__))
