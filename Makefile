@@ -39,5 +39,13 @@ bench: $(VENV)/.installed $(VENV)/.torch
 bench-quick: $(VENV)/.installed $(VENV)/.torch
 	$(PY) -m experiments.bench --quick $(ARGS)
 
+# Row-by-row MNIST LSTM (experiments/mnist.py); writes runs/mnist. ARGS="--epochs 1 ..." passes flags.
+train-mnist: $(VENV)/.installed
+	$(PY) -m experiments.mnist $(ARGS)
+
+# sin -> cos with a carried state (experiments/regression.py); writes runs/regression. ARGS="--cell rnn".
+train-regression: $(VENV)/.installed
+	$(PY) -m experiments.regression $(ARGS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
