@@ -107,12 +107,13 @@ class _Layer(_TorchParams):
                 f"element), got {dropout!r}"
             )
         if dropout > 0 and num_layers == 1:
-            # torch warns the same way: dropout only acts between stacked layers.
+            # torch warns the same way: dropout only acts between stacked layers. stacklevel
+            # points at the user's constructor call, past three frames of flax's metaclass.
             warnings.warn(
                 f"{name}: dropout={dropout} has no effect with num_layers=1; dropout is applied "
                 "to the outputs of every layer but the last",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=6,
             )
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -122,7 +123,7 @@ class _Layer(_TorchParams):
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
         self.deterministic = False  # torch modules start in training mode too
-        self.rngs = nnx.data(_dropout_stream(name, rngs) if self._uses_dropout() else None)
+        self.rngs = nnx.data(_dropout_stream(name, rngs).fork() if self._uses_dropout() else None)
         self._set_params(params)
 
     def _uses_dropout(self) -> bool:
@@ -141,7 +142,7 @@ class _Layer(_TorchParams):
             return None
         source = rngs if rngs is not None else self.rngs
         if isinstance(source, nnx.Rngs):
-            return _dropout_stream(type(self).__name__, source)()
+            source = _dropout_stream(type(self).__name__, source)
         if isinstance(source, nnx.RngStream):
             return source()
         if isinstance(source, jax.Array):
@@ -161,7 +162,7 @@ class _Layer(_TorchParams):
 
 def _dropout_stream(module: str, rngs: nnx.Rngs) -> nnx.RngStream:
     try:
-        return rngs["dropout"].fork()
+        return rngs["dropout"]
     except KeyError:
         raise ValueError(
             f"{module}: dropout > 0 needs a 'dropout' (or 'default') stream in rngs, e.g. "
