@@ -1,0 +1,556 @@
+"""IMDB sentiment: a bidirectional LSTM reads each review and says positive or negative.
+
+    make train-sentiment                              # defaults below; writes runs/sentiment/
+    make train-sentiment ARGS="--pool last --epochs 3"
+    python -m experiments.sentiment --data-dir /data/tensorflow_datasets
+    python -m experiments.sentiment --dataset tests/fixtures/sentiment   # train.jsonl, test.jsonl
+
+Reviews come from tfds ``imdb_reviews`` (25,000 train / 25,000 test, balanced) through its
+ArrayRecord data source, no TensorFlow needed, or from a directory of JSON lines
+(``{"text": ..., "label": 0 or 1}``). A vocabulary of the ``--vocab-size`` most frequent words
+of the training texts is built with HuggingFace ``tokenizers`` (lower-cased, ``<br />`` removed,
+split on whitespace and punctuation; other words become ``[UNK]``) and saved as ``tokenizer.json`` in the work dir. Each review
+is cut or padded to ``--max-len`` tokens; the padding never reaches the model: ``jlstm.lstm`` gets
+``seq_lengths``, so the reverse direction starts at each review's own last token and ``h_n`` is
+the state there. Model: embedding -> dropout -> bidirectional ``jlstm.lstm`` -> features ->
+dropout -> linear -> 2 classes. ``--pool max`` (default) takes the maximum of each output feature
+over the review's tokens; ``--pool last`` joins the two final states ``[h_n fwd, h_n bwd]``;
+``--pool mean`` averages the outputs. Max pooling is the default because an LSTM's final state
+alone, trained from scratch on reviews of hundreds of tokens, is the weaker classifier in the
+literature (Dai & Le 2015; Johnson & Zhang 2016). Softmax cross-entropy, Adam (optax) with a
+cosine schedule and gradient clipping. Data lives on the device and each chunk of training steps
+is one jitted ``lax.scan``, as in ``experiments/mnist.py``. The work dir gets ``metrics.jsonl``,
+``summary.json``, ``curves.png``, ``tokenizer.json`` and an orbax checkpoint per epoch; rerunning
+the same command resumes, ``--restart`` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jlstm
+from experiments import common, models
+from experiments.common import ExperimentError, option
+from experiments.mnist import chunk_ends, epoch_batches, pad_to_batches
+
+PAD, UNK = "[PAD]", "[UNK]"  # special tokens; PAD gets id 0, so lengths are ``tokens != 0``
+EVAL_BATCH = 500  # test reviews per forward pass in evaluation (bounds its memory)
+TOKENIZER = "tokenizer.json"
+
+
+def dropout_rate(text: str) -> float:
+    rate = common.nonnegative_float(text)
+    if rate >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return rate
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dataset: str = option("imdb_reviews", "tfds text dataset with 'text' and 'label' features "
+                          "(imdb_reviews, yelp_polarity_reviews), or a directory holding "
+                          "train.jsonl and test.jsonl")  # fmt: skip
+    data_dir: str | None = option(None, "where tfds looks for prepared data "
+                                  "(default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")  # fmt: skip
+    vocab_size: int = option(20000, "words in the vocabulary, [PAD] and [UNK] included",
+                             type=common.positive_int)  # fmt: skip
+    max_len: int = option(400, "tokens kept per review (longer ones are cut at the end)",
+                          type=common.positive_int)  # fmt: skip
+    embed_dim: int = option(128, "size of a token's embedding", type=common.positive_int)
+    hidden_size: int = option(128, "hidden units per direction and layer", type=common.positive_int)
+    num_layers: int = option(1, "stacked bidirectional LSTM layers", type=common.positive_int)
+    pool: str = option("max", "features for the classifier: 'max' or 'mean' of the outputs over "
+                       "the review's tokens, 'last' = [h_n forward, h_n reverse]",
+                       choices=("max", "mean", "last"))  # fmt: skip
+    dropout: float = option(0.5, "dropout on the embeddings, between layers and on the features",
+                            type=dropout_rate)  # fmt: skip
+    epochs: int = option(5, "passes over the training set", type=common.positive_int)
+    batch_size: int = option(64, "reviews per training step", type=common.positive_int)
+    lr: float = option(0.001, "peak learning rate of Adam", type=common.positive_float)
+    schedule: str = option("cosine", "learning rate schedule: 'cosine' warms up over 5 %% of "
+                           "the steps then decays to 0; 'constant' keeps --lr",
+                           choices=("cosine", "constant"))  # fmt: skip
+    grad_clip: float = option(1.0, "clip gradients to this global norm (0: no clipping)",
+                              type=common.nonnegative_float)  # fmt: skip
+    eval_every: int = option(0, "also evaluate every N steps (0: after each epoch only)",
+                             type=common.nonnegative_int)  # fmt: skip
+    seed: int = option(0, "seed of the initial weights, the shuffling and the dropout",
+                       type=common.nonnegative_int)  # fmt: skip
+    workdir: str = option("runs/sentiment", "directory for metrics, plots and checkpoints")
+    restart: bool = option(False, "delete the work dir's checkpoint and metrics, start over")
+
+
+# Flags that may change between a run and its resumption.
+RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart")
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def load(dataset: str, split: str, data_dir: str | None) -> tuple[list[str], np.ndarray]:
+    """``(texts, labels)`` of a split: a list of str and an int32 ``(N,)`` array."""
+    if Path(dataset).is_dir():
+        return _load_jsonl(Path(dataset) / f"{split}.jsonl")
+    source = _data_source(dataset, split, data_dir)
+    try:
+        examples = source.__getitems__(range(len(source)))  # one batched read
+    except TypeError:  # tfds.testing.mock_data's source lacks a working __getitems__
+        examples = [source[i] for i in range(len(source))]
+    texts = [ex["text"] for ex in examples]
+    texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
+    return texts, np.array([ex["label"] for ex in examples], dtype=np.int32)
+
+
+def _load_jsonl(path: Path) -> tuple[list[str], np.ndarray]:
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise ExperimentError(
+            f"cannot read {path} ({e.strerror or type(e).__name__}); --dataset DIR needs "
+            'DIR/train.jsonl and DIR/test.jsonl, one {"text": ..., "label": 0 or 1} per line'
+        ) from None
+    texts, labels = [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            text, label = record["text"], record["label"]
+            if not isinstance(text, str) or label not in (0, 1) or isinstance(label, bool):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise ExperimentError(
+                f'{path}:{number} is not a JSON object {{"text": "...", "label": 0 or 1}}'
+            ) from None
+        texts.append(text)
+        labels.append(label)
+    if not texts:
+        raise ExperimentError(f"{path} holds no reviews")
+    return texts, np.array(labels, dtype=np.int32)
+
+
+def _data_source(name: str, split: str, data_dir: str | None):
+    import tensorflow_datasets as tfds
+
+    try:  # the builder knows the features before any data is there
+        features = tfds.builder(name, data_dir=data_dir).info.features
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ExperimentError(
+            f"tfds has no dataset named {name!r}; pass --dataset imdb_reviews, or a directory "
+            "holding train.jsonl and test.jsonl"
+        ) from None
+    text_ok = isinstance(features.get("text"), tfds.features.Text)
+    label = features.get("label")
+    if not (text_ok and isinstance(label, tfds.features.ClassLabel) and label.num_classes == 2):
+        raise ExperimentError(
+            f"--dataset {name} has features {sorted(features)}, but this program reads a 'text' "
+            "string and a two-class 'label' (imdb_reviews, yelp_polarity_reviews)"
+        )
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception:  # not prepared in data_dir (tfds raises several kinds): prepare it
+        pass
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    hint = "point --data-dir (or TFDS_DATA_DIR) at a directory where it is prepared"
+    if importlib.util.find_spec("tensorflow") is None:
+        raise ExperimentError(
+            f"tfds found no prepared {name!r} in {where}, and preparing it needs TensorFlow "
+            f"(pip install 'jlstm[prepare]') and internet; or {hint}"
+        )
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExperimentError(
+            f"tfds could not download and prepare {name!r} in {where} ({reason}); "
+            f"without internet, {hint}"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A word-level ``tokenizers.Tokenizer`` trained on ``texts``: the ``vocab_size - 2`` most
+    frequent words (ties broken by the word, so the same texts give the same ids), ``[PAD]`` = 0
+    and ``[UNK]`` = 1 for every other word.
+
+    Word level rather than WordPiece or BPE: their trainers in ``tokenizers`` may pick different
+    merges from run to run (hash-map order), and a vocabulary of whole words is the usual one for
+    this model.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import WordLevel
+
+    tokenizer = Tokenizer(WordLevel(unk_token=UNK))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Replace("<br />", " "), normalizers.BertNormalizer(lowercase=True)]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, UNK], show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer, length=len(texts))
+    return tokenizer
+
+
+def load_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def encode(tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens, lengths)``: int32 ``(N, max_len)`` ids of each review cut to ``max_len`` and
+    right-padded with ``[PAD]`` = 0, and each review's full length in tokens ``(N,)``."""
+    unk = tokenizer.token_to_id(UNK)
+    encodings = tokenizer.encode_batch(texts)
+    tokens = np.zeros((len(texts), max_len), np.int32)
+    lengths = np.zeros(len(texts), np.int32)
+    for i, encoding in enumerate(encodings):
+        ids = np.array(encoding.ids[:max_len], np.int32)
+        tokens[i, : len(ids)] = np.where(ids == 0, unk, ids)  # a literal "[PAD]" in the text
+        lengths[i] = len(encoding.ids)
+    return tokens, lengths
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+def init_params(config: Config, vocab_size: int, num_classes: int = 2) -> dict:
+    """``{"embed": (V, E), "rnn": torch-named bidirectional LSTM, "head": {"w", "b"}}``."""
+    key, embed_key = jax.random.split(jax.random.key(config.seed))
+    params = models.init(
+        key,
+        "lstm",
+        config.embed_dim,
+        config.hidden_size,
+        num_classes,
+        num_layers=config.num_layers,
+        bidirectional=True,
+    )
+    # torch nn.Embedding's init: N(0, 1).
+    params["embed"] = jax.random.normal(embed_key, (vocab_size, config.embed_dim), jnp.float32)
+    return params
+
+
+def encoder(params: dict, tokens: jax.Array, *, dropout: float = 0.0, key: jax.Array | None = None):
+    """Embeds ``(N, L)`` token ids and runs the bidirectional LSTM over each review's own length.
+
+    Returns ``(output, (h_n, c_n), lengths)``: ``output`` is ``(N, L, 2H)``, zero past each
+    length; ``h_n[-2]`` / ``h_n[-1]`` are the top layer's forward / reverse final states.
+    ``dropout`` with a ``key`` drops embeddings and activations between layers.
+    """
+    lengths = jnp.sum(tokens != 0, axis=-1)
+    x = params["embed"][tokens]
+    keys = (None, None) if key is None else jax.random.split(key)
+    x = _dropout(x, dropout, keys[0])
+    output, state = jlstm.lstm(
+        params["rnn"], x, batch_first=True, seq_lengths=lengths, dropout=dropout, key=keys[1]
+    )
+    return output, state, lengths
+
+
+def logits_fn(
+    config: Config, params: dict, tokens: jax.Array, key: jax.Array | None = None
+) -> jax.Array:
+    """``(N, 2)`` logits of ``(N, L)`` token ids; dropout only when a ``key`` is given."""
+    keys = (None, None) if key is None else jax.random.split(key)
+    output, state, lengths = encoder(params, tokens, dropout=config.dropout, key=keys[0])
+    features = pool(config.pool, output, state, lengths)
+    return models.head(params, _dropout(features, config.dropout, keys[1]))
+
+
+def pool(kind: str, output: jax.Array, state, lengths: jax.Array) -> jax.Array:
+    """``(N, 2H)`` features of a review from the encoder's outputs; padding never counts."""
+    if kind == "last":
+        return models.last_hidden("lstm", state, bidirectional=True)
+    if kind == "mean":
+        return output.sum(axis=1) / jnp.maximum(lengths, 1)[:, None].astype(output.dtype)
+    valid = jnp.arange(output.shape[1])[None, :] < lengths[:, None]
+    pooled = jnp.where(valid[:, :, None], output, -jnp.inf).max(axis=1)
+    return jnp.where(lengths[:, None] > 0, pooled, 0.0)  # an empty review has no maximum
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+@functools.cache
+def compiled(config: Config, total_steps: int, chunk: int):
+    """``(tx, train_chunk, evaluate)`` for the model and optimizer that ``config`` describes.
+
+    Cached, so that runs in one process (tests, a notebook) compile each model once; call it with
+    ``dataclasses.replace(config, **UNCOMPILED)`` so that fields the functions ignore do not count.
+    """
+    tx = common.optimizer(
+        config.lr, total_steps, schedule=config.schedule, grad_clip=config.grad_clip
+    )
+    return tx, make_train_chunk(config, tx, chunk), make_evaluate(config)
+
+
+# Fields that the compiled functions do not depend on.
+UNCOMPILED = {"dataset": "", "data_dir": None, "vocab_size": 0, "max_len": 0, "eval_every": 0,
+              "seed": 0, "workdir": "", "restart": False}  # fmt: skip
+
+
+def make_train_chunk(config: Config, tx: optax.GradientTransformation, chunk: int):
+    """A jitted ``(state, batches, start, n, tokens, labels, key) -> (state, (losses, accs))``.
+
+    Runs the ``n <= chunk`` training steps whose review indices are ``batches[start:start + n]``
+    (an epoch's ``(steps, batch_size)`` indices into the on-device training set, padded by
+    ``chunk`` rows); step ``i`` of the chunk draws its dropout from ``fold_in(key, i)``. The scan
+    always has ``chunk`` iterations, those past ``n`` do nothing, so one compilation serves all.
+    """
+
+    def loss_fn(params, tokens, labels, key):
+        logits = logits_fn(config, params, tokens, key)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+    def step(state, tokens, labels, key):
+        params, opt_state = state
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, tokens, labels, key
+        )
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), (loss, accuracy)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_chunk(state, batches, start, n, tokens, labels, key):
+        def body(state, i_batch):
+            i, batch = i_batch
+            zero = jnp.zeros((), jnp.float32)
+            return jax.lax.cond(
+                i < n,
+                lambda s: step(s, tokens[batch], labels[batch], jax.random.fold_in(key, i)),
+                lambda s: (s, (zero, zero)),
+                state,
+            )
+
+        chunk_batches = jax.lax.dynamic_slice_in_dim(batches, start, chunk)
+        return jax.lax.scan(body, state, (jnp.arange(chunk), chunk_batches))
+
+    return train_chunk
+
+
+def make_evaluate(config: Config):
+    """A jitted ``(params, tokens, labels) -> (loss_sum, correct)`` over a test set padded to
+    whole batches (``tokens`` is ``(batches, batch, L)``); padded reviews carry label -1."""
+
+    @jax.jit
+    def evaluate(params, tokens, labels):
+        def batch(args):
+            x, y = args
+            logits = logits_fn(config, params, x)
+            valid = y >= 0
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
+            return jnp.sum(loss * valid), jnp.sum((jnp.argmax(logits, axis=-1) == y) & valid)
+
+        loss, correct = jax.lax.map(batch, (tokens, labels))
+        return loss.sum(), correct.sum()
+
+    return evaluate
+
+
+def train(config: Config) -> dict:
+    """Trains (or resumes) as ``config`` says, writes the work dir, returns the summary."""
+    workdir = common.Workdir(config.workdir, restart=config.restart)
+    checkpoints = workdir.checkpoints()
+    try:
+        return _train(config, workdir, checkpoints)
+    finally:
+        checkpoints.close()
+
+
+def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoints) -> dict:
+    meta = checkpoints.meta()
+    if meta is not None:
+        common.check_same_config(meta["config"], config, free=RESUMABLE_CHANGES)
+
+    train_texts, train_y = load(config.dataset, "train", config.data_dir)
+    test_texts, test_y = load(config.dataset, "test", config.data_dir)
+    n_train, n_test = len(train_y), len(test_y)
+    if config.batch_size > n_train:
+        raise ExperimentError(
+            f"--batch-size {config.batch_size} is larger than the {n_train} training reviews"
+        )
+    tokenizer_path = workdir / TOKENIZER
+    if meta is None:  # a new run learns its vocabulary; a resumed one reads it back
+        tokenizer = train_tokenizer(train_texts, config.vocab_size)
+        tokenizer.save(str(tokenizer_path))
+    elif tokenizer_path.exists():
+        tokenizer = load_tokenizer(tokenizer_path)
+    else:
+        raise ExperimentError(
+            f"the checkpoint in {workdir.path} has no {TOKENIZER} beside it; add --restart"
+        )
+    train_x, lengths = encode(tokenizer, train_texts, config.max_len)
+    test_x, _ = encode(tokenizer, test_texts, config.max_len)
+
+    steps_per_epoch = n_train // config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+    eval_batch = min(EVAL_BATCH, n_test)
+    test_x, test_y = pad_to_batches(test_x, test_y, eval_batch)
+    test_x = jax.device_put(test_x.reshape(-1, eval_batch, config.max_len))
+    test_y = jax.device_put(test_y.reshape(-1, eval_batch))
+    train_x, train_y = jax.device_put(train_x), jax.device_put(train_y)
+
+    chunk = max(1, -(-steps_per_epoch // 10))  # the bar moves ~10 times per epoch
+    if config.eval_every:
+        chunk = min(chunk, config.eval_every)
+    tx, train_chunk, evaluate = compiled(
+        dataclasses.replace(config, **UNCOMPILED), total_steps, chunk
+    )
+    params = init_params(config, tokenizer.get_vocab_size())
+    state = (params, tx.init(params))
+    if meta is None:
+        epoch, step, seconds, step_seconds = 0, 0, 0.0, 0.0
+        workdir.metrics.keep_until(-1)
+    else:
+        state = checkpoints.restore(state)
+        epoch, step = meta["epoch"], meta["step"]
+        seconds, step_seconds = meta["seconds"], meta["step_seconds"]
+        workdir.metrics.keep_until(step)
+        if epoch < config.epochs:
+            print(f"resuming {workdir.path} after epoch {epoch}/{config.epochs} (step {step})")
+        else:
+            print(
+                f"{workdir.path} holds a run already finished; rewriting its summary and plots "
+                "(add --restart to train again)"
+            )
+
+    data_key, dropout_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
+    print(
+        f"{config.dataset}: {n_train} train / {n_test} test reviews; vocabulary of "
+        f"{tokenizer.get_vocab_size()} words; median review {np.median(lengths):.0f} "
+        f"tokens, {np.mean(lengths > config.max_len):.0%} cut to --max-len {config.max_len}; "
+        f"bidirectional lstm {config.hidden_size}x{config.num_layers}, {config.pool} pooling, "
+        f"{common.num_params(params)} parameters; {config.epochs} epochs of {steps_per_epoch} "
+        f"steps on {common.device_name()}"
+    )
+
+    def record(losses: list[float], accuracies: list[float]) -> dict:
+        loss_sum, correct = evaluate(state[0], test_x, test_y)
+        result = {
+            "epoch": round(step / steps_per_epoch, 4),
+            "step": step,
+            "train_loss": float(np.mean(losses)),
+            "train_accuracy": float(np.mean(accuracies)),
+            "test_loss": float(loss_sum) / n_test,
+            "test_accuracy": int(correct) / n_test,
+            "seconds": round(seconds + time.perf_counter() - started, 3),
+        }
+        workdir.metrics.append(result)
+        return result
+
+    started = time.perf_counter()
+    while epoch < config.epochs:
+        bar = common.progress(
+            steps_per_epoch * config.batch_size,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            unit="review",
+            unit_scale=True,
+        )
+        batches = epoch_batches(
+            data_key, epoch, n_train, steps_per_epoch, config.batch_size, pad=chunk
+        )
+        losses: list[float] = []
+        accuracies: list[float] = []
+        first = epoch * steps_per_epoch
+        for end in chunk_ends(first, first + steps_per_epoch, chunk, config.eval_every):
+            n = end - step
+            t0 = time.perf_counter()
+            state, (chunk_losses, chunk_accuracies) = train_chunk(
+                state,
+                batches,
+                step - first,
+                n,
+                train_x,
+                train_y,
+                jax.random.fold_in(dropout_key, step),
+            )
+            losses.extend(np.asarray(chunk_losses[:n]).tolist())
+            accuracies.extend(np.asarray(chunk_accuracies[:n]).tolist())
+            step_seconds += time.perf_counter() - t0
+            step = end
+            bar.update(n * config.batch_size)
+            bar.set_postfix(loss=f"{np.mean(losses[-n:]):.4f}")
+            if (
+                config.eval_every
+                and step % config.eval_every == 0
+                and end < first + steps_per_epoch
+            ):
+                r = record(losses, accuracies)
+                losses, accuracies = [], []
+                bar.write(f"  step {step}: test accuracy {r['test_accuracy']:.2%}")
+        epoch += 1
+        r = record(losses, accuracies)
+        bar.set_postfix(loss=f"{r['train_loss']:.4f}", test_acc=f"{r['test_accuracy']:.2%}")
+        bar.close()
+        checkpoints.save(
+            step,
+            state,
+            {
+                "epoch": epoch,
+                "step": step,
+                "seconds": r["seconds"],
+                "step_seconds": step_seconds,
+                "config": dataclasses.asdict(config),
+            },
+        )
+
+    records = workdir.metrics.records()
+    last = records[-1]
+    summary = {
+        "test_accuracy": last["test_accuracy"],
+        "test_loss": last["test_loss"],
+        "train_accuracy": last["train_accuracy"],
+        "epochs": config.epochs,
+        "steps": step,
+        "train_seconds": last["seconds"],
+        "examples_per_second": round(step * config.batch_size / max(step_seconds, 1e-9), 1),
+        "vocab_size": tokenizer.get_vocab_size(),
+        "num_params": common.num_params(state[0]),
+        "device": common.device_name(),
+        "config": dataclasses.asdict(config),
+    }
+    common.write_json(workdir / common.SUMMARY, summary)
+    common.plot_curves(
+        workdir / "curves.png",
+        records,
+        [
+            ("train_loss", "train loss", "log"),
+            ("test_loss", "test loss", "log"),
+            ("test_accuracy", "test accuracy", "percent"),
+        ],
+        title=f"{config.dataset}: bidirectional lstm {config.hidden_size}, {config.pool} pooling",
+    )
+    print(
+        f"test accuracy {last['test_accuracy']:.2%} after {config.epochs} epochs, "
+        f"{last['seconds']:.0f} s of training; wrote {workdir.path}"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(
+        common.main(train, Config, description=__doc__, prog="python -m experiments.sentiment")
+    )
