@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install test lint format bench bench-quick train-mnist train-regression clean
+.PHONY: install test lint format bench bench-quick train-mnist train-regression train-sentiment clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ train-mnist: $(VENV)/.installed
 # sin -> cos with a carried state (experiments/regression.py); writes runs/regression. ARGS="--cell rnn".
 train-regression: $(VENV)/.installed
 	$(PY) -m experiments.regression $(ARGS)
+
+# IMDB reviews -> bidirectional LSTM -> positive/negative (experiments/sentiment.py); writes
+# runs/sentiment. Needs imdb_reviews prepared for tfds (--data-dir or TFDS_DATA_DIR).
+train-sentiment: $(VENV)/.installed
+	$(PY) -m experiments.sentiment $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
