@@ -143,27 +143,33 @@ def _direction(kind, w, x, carry, valid, reverse, nonlinearity, impl, unroll):
     return lax.scan(partial(_masked, step), carry, (xw, valid), reverse=reverse, unroll=unroll)
 
 
+@partial(jax.jit, static_argnames=("kind", "dropout", "nonlinearity", "impl", "unroll"))
 def _stack(
-    kind: str,
-    structure: P.Structure,
+    layers: tuple[tuple[P.Weights, ...], ...],
     x: jax.Array,
     state,
     lengths: jax.Array | None,
-    dropout: float,
     key: jax.Array | None,
-    nonlinearity: str = "tanh",
-    impl: str = "auto",
-    unroll: int = 1,
+    *,
+    kind: str,
+    dropout: float,
+    nonlinearity: str,
+    impl: str,
+    unroll: int,
 ):
-    """Runs every layer and direction; ``state`` is a pytree of ``(D*num_layers, N, ·)`` arrays."""
+    """Runs every layer and direction; ``state`` is a pytree of ``(D*num_layers, N, ·)`` arrays.
+
+    Jitted (inputs are checked before, in :func:`_run`) so that eager calls reuse one compilation
+    instead of retracing every scan; inside a caller's ``jit`` it is simply inlined.
+    """
     valid = (
         None if lengths is None else (jnp.arange(x.shape[0])[:, None] < lengths[None, :])[..., None]
     )
     finals = []
-    for layer, directions in enumerate(structure.layers):
+    for layer, directions in enumerate(layers):
         outputs = []
         for direction, w in enumerate(directions):
-            index = layer * structure.num_directions + direction
+            index = layer * len(directions) + direction
             carry = jax.tree.map(lambda s, i=index: s[i], state)
             carry, y = _direction(
                 kind, w, x, carry, valid, direction == 1, nonlinearity, impl, unroll
@@ -171,7 +177,7 @@ def _stack(
             finals.append(carry)
             outputs.append(y)
         x = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
-        if dropout and key is not None and layer < structure.num_layers - 1:
+        if dropout and key is not None and layer < len(layers) - 1:
             key, sub = jax.random.split(key)
             keep = jax.random.bernoulli(sub, 1.0 - dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
@@ -218,7 +224,16 @@ def _run(
     else:
         state = _check_state(fn, "h0", state, h_shape, batched, dtype)
     output, final = _stack(
-        kind, structure, x.astype(dtype), state, lengths, dropout, key, nonlinearity, impl, unroll
+        structure.layers,
+        x.astype(dtype),
+        state,
+        lengths,
+        key,
+        kind=kind,
+        dropout=float(dropout),
+        nonlinearity=nonlinearity,
+        impl=impl,
+        unroll=unroll,
     )
     if not batched:
         return output[:, 0], jax.tree.map(lambda s: s[:, 0], final)
