@@ -76,10 +76,15 @@ def option(default: Any, help: str, *, type: Callable | None = None, choices=Non
     )
 
 
-def parse_config(config_cls: type, argv: Sequence[str] | None, description: str | None):
+def parse_config(
+    config_cls: type,
+    argv: Sequence[str] | None,
+    description: str | None = None,
+    prog: str | None = None,
+):
     """Builds an argparse parser from ``config_cls``'s fields and returns the parsed config."""
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for field in dataclasses.fields(config_cls):
         flag = "--" + field.name.replace("_", "-")
@@ -104,9 +109,10 @@ def main(
     config_cls: type,
     argv: Sequence[str] | None = None,
     description: str | None = None,
+    prog: str | None = None,
 ) -> int:
     """Parses flags, runs ``train(config)`` and turns user errors into one line and exit code 1."""
-    config = parse_config(config_cls, argv, description)
+    config = parse_config(config_cls, argv, description, prog)
     quiet_libraries()
     try:
         train(config)

@@ -46,7 +46,7 @@ class Config:
     num_layers: int = option(1, "stacked recurrent layers", type=common.positive_int)
     bidirectional: bool = option(False, "read the rows both ways and join both final states")
     epochs: int = option(6, "passes over the training set", type=common.positive_int)
-    batch_size: int = option(128, "images per training step", type=common.positive_int)
+    batch_size: int = option(64, "images per training step", type=common.positive_int)
     lr: float = option(0.003, "peak learning rate of Adam", type=common.positive_float)
     schedule: str = option("cosine", "learning rate schedule: 'cosine' warms up over 5 %% of "
                            "the steps then decays to 0; 'constant' keeps --lr",
@@ -71,36 +71,37 @@ RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart")
 def load(name: str, split: str, data_dir: str | None):
     """``(images, labels, label_names)``: uint8 ``(N, 28, 28)``, int32 ``(N,)``, numpy arrays."""
     source = _data_source(name, split, data_dir)
-    features = source.dataset_info.features
-    image_shape = tuple(features["image"].shape)
-    num_classes = features["label"].num_classes
-    if image_shape != IMAGE_SHAPE or num_classes != NUM_CLASSES:
-        raise ExperimentError(
-            f"--dataset {name} has images of shape {image_shape} in {num_classes} classes, but "
-            "this program reads 28x28 grayscale images in 10 classes (mnist, fashion_mnist, kmnist)"
-        )
     examples = _read_all(source)
     images = np.stack([ex["image"][..., 0] for ex in examples])
     labels = np.array([ex["label"] for ex in examples], dtype=np.int32)
-    return images, labels, list(features["label"].names)
+    return images, labels, list(source.dataset_info.features["label"].names)
 
 
 def _data_source(name: str, split: str, data_dir: str | None):
     import tensorflow_datasets as tfds
 
-    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    hint = (
-        "point --data-dir (or TFDS_DATA_DIR) at a directory that holds it prepared "
-        "(in this repository's CI: --data-dir ../shared/tensorflow_datasets)"
-    )
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    try:  # the builder knows the features before any data is there
+        features = tfds.builder(name, data_dir=data_dir).info.features
     except tfds.core.registered.DatasetNotFoundError:
         raise ExperimentError(
             f"tfds has no dataset named {name!r}; pass --dataset mnist, fashion_mnist or kmnist"
         ) from None
+    image_shape = tuple(features["image"].shape) if "image" in features else None
+    num_classes = getattr(features["label"], "num_classes", None) if "label" in features else None
+    if image_shape != IMAGE_SHAPE or num_classes != NUM_CLASSES:
+        raise ExperimentError(
+            f"--dataset {name} has images of shape {image_shape} in {num_classes} classes, but "
+            "this program reads 28x28 grayscale images in 10 classes (mnist, fashion_mnist, kmnist)"
+        )
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception:  # not prepared in data_dir (tfds raises several kinds): prepare it
         pass
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    hint = (
+        "point --data-dir (or TFDS_DATA_DIR) at a directory where it is prepared "
+        "(in this repository's CI: --data-dir ../shared/tensorflow_datasets)"
+    )
     if importlib.util.find_spec("tensorflow") is None:
         raise ExperimentError(
             f"tfds found no prepared {name!r} in {where}, and preparing it needs TensorFlow "
@@ -431,4 +432,4 @@ def plot_predictions(path, images, labels, predictions, names, *, title: str) ->
 
 
 if __name__ == "__main__":
-    sys.exit(common.main(train, Config, description=__doc__))
+    sys.exit(common.main(train, Config, description=__doc__, prog="python -m experiments.mnist"))

@@ -233,4 +233,6 @@ def plot_prediction(path, t, x, y, prediction, *, title: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(common.main(train, Config, description=__doc__))
+    sys.exit(
+        common.main(train, Config, description=__doc__, prog="python -m experiments.regression")
+    )
