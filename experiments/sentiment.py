@@ -150,8 +150,8 @@ def _data_source(name: str, split: str, data_dir: str | None):
             f"tfds has no dataset named {name!r}; pass --dataset imdb_reviews, or a directory "
             "holding train.jsonl and test.jsonl"
         ) from None
-    text_ok = isinstance(features.get("text"), tfds.features.Text)
-    label = features.get("label")
+    text_ok = "text" in features and isinstance(features["text"], tfds.features.Text)
+    label = features["label"] if "label" in features else None
     if not (text_ok and isinstance(label, tfds.features.ClassLabel) and label.num_classes == 2):
         raise ExperimentError(
             f"--dataset {name} has features {sorted(features)}, but this program reads a 'text' "
