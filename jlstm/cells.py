@@ -66,19 +66,25 @@ def rnn_step(w_hh: jax.Array, nonlinearity: str, h: jax.Array, xw_t: jax.Array):
     return h, h
 
 
-def input_projection(kind: str, w: P.Weights, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """``x @ W_ih.T`` plus every bias that is added before a nonlinearity, for any number of leading
-    axes of ``x``; for GRU also returns ``b_hn``, which sits inside ``r * (...)`` and cannot be folded."""
-    xw = x @ w.w_ih.T
+def folded_biases(kind: str, w: P.Weights) -> tuple[jax.Array | None, jax.Array | None]:
+    """Every bias that torch adds before a nonlinearity, summed into one ``(G*H,)`` vector, and for
+    GRU ``b_hn``, which sits inside ``r * (...)`` and cannot be folded; ``(None, None)`` without bias."""
     if w.b_ih is None:
-        return xw, None
+        return None, None
     if kind == "gru":
         hidden = w.b_hh.shape[0] // 3
         folded = w.b_ih + jnp.concatenate(
             [w.b_hh[: 2 * hidden], jnp.zeros_like(w.b_hh[2 * hidden :])]
         )
-        return xw + _rows(folded, xw), w.b_hh[2 * hidden :]
-    return xw + _rows(w.b_ih + w.b_hh, xw), None
+        return folded, w.b_hh[2 * hidden :]
+    return w.b_ih + w.b_hh, None
+
+
+def input_projection(kind: str, w: P.Weights, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """``x @ W_ih.T`` plus the folded biases, for any number of leading axes of ``x``, and ``b_hn``."""
+    bias, b_hn = folded_biases(kind, w)
+    xw = x @ w.w_ih.T
+    return (xw if bias is None else xw + _rows(bias, xw)), b_hn
 
 
 def _rows(b: jax.Array, like: jax.Array) -> jax.Array:

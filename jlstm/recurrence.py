@@ -1,14 +1,16 @@
-"""The time loop of one direction with a hand-written backward pass (``jax.custom_vjp``).
+"""The time loop of one LSTM or GRU direction with a hand-written backward pass (``jax.custom_vjp``).
 
-Autodiff through ``lax.scan`` accumulates ``dW_hh`` step by step inside the backward loop: one small
-``(G*H, N) @ (N, H)`` matmul per step plus a carried accumulator. cuDNN and oneDNN instead keep the
-gate gradients of every step and form the weight gradient as one large matmul after the loop; this
-module does the same. The forward saves what the backward needs (gate activations, ``tanh(c)``, the
-previous states) so the backward loop holds only elementwise work and ``dgates @ W_hh``.
+Autodiff through ``lax.scan`` accumulates the weight gradients step by step inside the backward
+loop: small ``(G*H, N) @ (N, ·)`` matmuls plus carried accumulators. cuDNN and oneDNN instead keep
+every step's gate gradients and form ``dW_hh``, ``dW_ih``, ``db`` and ``dx`` as single large matmuls
+after the loop; this module does the same. The forward saves what the backward needs (gate
+activations, ``tanh(c)``, previous states), so the backward loop holds only elementwise work and
+``dgates @ W_hh``; it has no transcendental functions at all.
 
-Inputs are the hoisted input projections ``xw`` (``(L, N, G*H)``, biases folded in as in
-:mod:`jlstm.cells`), so the input weights' gradients come from ordinary autodiff of that one matmul.
-``valid`` (``(L, N, 1)`` bool or None) gives packed-sequence semantics exactly as
+``hoist`` chooses where the input projection ``x_t @ W_ih.T`` happens in the forward: as one large
+matmul before the loop (fast on GPU/TPU), or inside each step next to ``h @ W_hh.T`` (faster on XLA
+CPU, where a step's fusion reading a slice of a large precomputed buffer runs slower than the small
+extra matmul). ``valid`` (``(L, N, 1)`` bool or None) gives packed-sequence semantics exactly as
 :func:`jlstm.layers._masked`: invalid steps keep the carry and output zeros.
 """
 
@@ -25,31 +27,51 @@ def _where(valid, new, old):
     return new if valid is None else jnp.where(valid, new, old)
 
 
-def _steps(xw, valid):
-    return xw if valid is None else (xw, valid)
+def _scan_inputs(x, w_ih, bias, valid, hoist):
+    """What the forward scan runs over: the projected inputs (hoisted) or the raw inputs."""
+    xs = x @ w_ih.T + bias[None, None, :] if hoist else x
+    return xs if valid is None else (xs, valid)
 
 
-def _split(inputs, masked):
-    return inputs if masked else (inputs, None)
+def _step_input(inputs, w_ih, bias, masked, hoist):
+    xs_t, valid_t = inputs if masked else (inputs, None)
+    return (xs_t if hoist else xs_t @ w_ih.T + bias[None, :]), valid_t
 
 
-def _gate_scales(hidden: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """Per-column (scale, offset) so that one tanh over the whole i,f,g,o block gives every gate:
-    sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5 for i, f, o and tanh(x) for g."""
-    half, one, zero = (jnp.full((hidden,), v, dtype) for v in (0.5, 1.0, 0.0))
-    return jnp.concatenate([half, half, one, half]), jnp.concatenate([half, half, zero, half])
+def _backward_scan(step, carry, xs, valid, reverse, unroll):
+    """Runs ``step(carry, (*xs, valid_t))`` backwards in time, passing ``valid_t=None`` unmasked."""
+    if valid is None:
+        return lax.scan(
+            lambda c, i: step(c, (*i, None)), carry, xs, reverse=not reverse, unroll=unroll
+        )
+    return lax.scan(step, carry, (*xs, valid), reverse=not reverse, unroll=unroll)
+
+
+def _input_grads(dxw, x, w_ih):
+    """Gradients of ``x @ W_ih.T + bias`` from every step's gate gradients, as whole-sequence matmuls."""
+    return (jnp.einsum("tng,tni->gi", dxw, x), jnp.sum(dxw, axis=(0, 1)), dxw @ w_ih)
 
 
 # --------------------------------------------------------------------------------------------
 # LSTM
 
 
-def _lstm_forward(w_hh, xw, h0, c0, valid, reverse, unroll):
-    scale, offset = (v[None, :] for v in _gate_scales(c0.shape[-1], xw.dtype))  # (1, 4H)
+def _gate_scales(hidden: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """Per-column (scale, offset), each ``(1, 4H)``, so that one tanh over the whole i,f,g,o block
+    gives every gate: sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5 for i, f, o and tanh(x) for g."""
+    half, one, zero = (jnp.full((hidden,), v, dtype) for v in (0.5, 1.0, 0.0))
+    return (
+        jnp.concatenate([half, half, one, half])[None, :],
+        jnp.concatenate([half, half, zero, half])[None, :],
+    )
+
+
+def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist):
+    scale, offset = _gate_scales(c0.shape[-1], x.dtype)
 
     def step(carry, inputs):
         h, c = carry
-        xw_t, valid_t = _split(inputs, valid is not None)
+        xw_t, valid_t = _step_input(inputs, w_ih, bias, valid is not None, hoist)
         acts = jnp.tanh((xw_t + h @ w_hh.T) * scale) * scale + offset
         i, f, g, o = jnp.split(acts, 4, axis=-1)
         c_new = f * c + i * g
@@ -59,26 +81,28 @@ def _lstm_forward(w_hh, xw, h0, c0, valid, reverse, unroll):
         carry_new = (_where(valid_t, h_new, h), _where(valid_t, c_new, c))
         return carry_new, (y, (acts, tanh_c, h, c))
 
-    (h_n, c_n), (ys, saved) = lax.scan(
-        step, (h0, c0), _steps(xw, valid), reverse=reverse, unroll=unroll
-    )
-    return ys, h_n, c_n, saved
+    xs = _scan_inputs(x, w_ih, bias, valid, hoist)
+    (h_n, c_n), (ys, saved) = lax.scan(step, (h0, c0), xs, reverse=reverse, unroll=unroll)
+    return (ys, h_n, c_n), saved
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def lstm_recurrence(w_hh, xw, h0, c0, valid, reverse=False, unroll=1):
-    """``(ys, h_n, c_n)`` of an LSTM direction (no projection); ``xw`` is ``(L, N, 4H)``."""
-    ys, h_n, c_n, _ = _lstm_forward(w_hh, xw, h0, c0, valid, reverse, unroll)
-    return ys, h_n, c_n
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def lstm_recurrence(w_ih, w_hh, bias, x, h0, c0, valid, reverse=False, unroll=1, hoist=True):
+    """``(ys, h_n, c_n)`` of one LSTM direction without projection.
+
+    Args: ``w_ih (4H, I)``, ``w_hh (4H, H)``, ``bias (4H,)`` (``b_ih + b_hh``), ``x (L, N, I)``,
+    ``h0, c0 (N, H)``, ``valid (L, N, 1)`` or None; ``reverse``, ``unroll``, ``hoist`` are static.
+    """
+    return _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist)[0]
 
 
-def _lstm_fwd(w_hh, xw, h0, c0, valid, reverse, unroll):
-    ys, h_n, c_n, saved = _lstm_forward(w_hh, xw, h0, c0, valid, reverse, unroll)
-    return (ys, h_n, c_n), (w_hh, valid, saved)
+def _lstm_fwd(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist):
+    out, saved = _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist)
+    return out, (w_ih, w_hh, x, valid, saved)
 
 
-def _lstm_bwd(reverse, unroll, residuals, cotangents):
-    w_hh, valid, (acts, tanh_cs, hs_prev, cs_prev) = residuals
+def _lstm_bwd(reverse, unroll, hoist, residuals, cotangents):
+    w_ih, w_hh, x, valid, (acts, tanh_cs, hs_prev, cs_prev) = residuals
     dys, dh_n, dc_n = cotangents
 
     def step(carry, inputs):
@@ -92,8 +116,7 @@ def _lstm_bwd(reverse, unroll, residuals, cotangents):
         d_g = dc_total * i * (1 - g * g)
         d_o = dh_total * tanh_c * o * (1 - o)
         dgates = jnp.concatenate([d_i, d_f, d_g, d_o], axis=-1)
-        dh_prev = dgates @ w_hh
-        dc_prev = dc_total * f
+        dh_prev, dc_prev = dgates @ w_hh, dc_total * f
         if valid_t is None:
             return (dh_prev, dc_prev), dgates
         return (
@@ -101,20 +124,12 @@ def _lstm_bwd(reverse, unroll, residuals, cotangents):
             jnp.where(valid_t, dgates, jnp.zeros_like(dgates)),
         )
 
-    # inputs with valid=None: scan needs arrays, so pass None through a closure-free wrapper
-    xs = (dys, acts, tanh_cs, cs_prev, valid)
-    if valid is None:
-
-        def body(carry, inputs):
-            return step(carry, (*inputs, None))
-
-        xs = xs[:-1]
-    else:
-        body = step
-    (dh0, dc0), dgates = lax.scan(body, (dh_n, dc_n), xs, reverse=not reverse, unroll=unroll)
-    # The weight gradient of every step at once: one (4H, L*N) @ (L*N, H) matmul.
+    (dh0, dc0), dgates = _backward_scan(
+        step, (dh_n, dc_n), (dys, acts, tanh_cs, cs_prev), valid, reverse, unroll
+    )
+    dw_ih, dbias, dx = _input_grads(dgates, x, w_ih)
     dw_hh = jnp.einsum("tng,tnh->gh", dgates, hs_prev)
-    return dw_hh, dgates, dh0, dc0, None
+    return dw_ih, dw_hh, dbias, dx, dh0, dc0, None
 
 
 lstm_recurrence.defvjp(_lstm_fwd, _lstm_bwd)
@@ -124,37 +139,39 @@ lstm_recurrence.defvjp(_lstm_fwd, _lstm_bwd)
 # GRU
 
 
-def _gru_forward(w_hh, b_hn, xw, h0, valid, reverse, unroll):
+def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, unroll, hoist):
+    hidden = h0.shape[-1]
+
     def step(h, inputs):
-        xw_t, valid_t = _split(inputs, valid is not None)
-        x_rz, x_n = xw_t[..., : 2 * h.shape[-1]], xw_t[..., 2 * h.shape[-1] :]
+        xw_t, valid_t = _step_input(inputs, w_ih, bias, valid is not None, hoist)
         hw = h @ w_hh.T
-        h_rz, h_n = hw[..., : 2 * h.shape[-1]], hw[..., 2 * h.shape[-1] :] + b_hn[None, :]
-        rz = 0.5 * jnp.tanh(0.5 * (x_rz + h_rz)) + 0.5
+        h_n = hw[..., 2 * hidden :] + b_hn[None, :]
+        rz = 0.5 * jnp.tanh(0.5 * (xw_t[..., : 2 * hidden] + hw[..., : 2 * hidden])) + 0.5
         r, z = jnp.split(rz, 2, axis=-1)
-        n = jnp.tanh(x_n + r * h_n)
+        n = jnp.tanh(xw_t[..., 2 * hidden :] + r * h_n)
         h_new = n + z * (h - n)
         y = _where(valid_t, h_new, jnp.zeros_like(h_new))
         return _where(valid_t, h_new, h), (y, (rz, n, h_n, h))
 
-    h_n, (ys, saved) = lax.scan(step, h0, _steps(xw, valid), reverse=reverse, unroll=unroll)
-    return ys, h_n, saved
+    xs = _scan_inputs(x, w_ih, bias, valid, hoist)
+    h_n, (ys, saved) = lax.scan(step, h0, xs, reverse=reverse, unroll=unroll)
+    return (ys, h_n), saved
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def gru_recurrence(w_hh, b_hn, xw, h0, valid, reverse=False, unroll=1):
-    """``(ys, h_n)`` of a GRU direction; ``xw`` is ``(L, N, 3H)``, ``b_hn`` ``(H,)``."""
-    ys, h_n, _ = _gru_forward(w_hh, b_hn, xw, h0, valid, reverse, unroll)
-    return ys, h_n
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def gru_recurrence(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse=False, unroll=1, hoist=True):
+    """``(ys, h_n)`` of one GRU direction: ``w_ih (3H, I)``, ``w_hh (3H, H)``, ``bias (3H,)``
+    (``b_ih + [b_hr, b_hz, 0]``), ``b_hn (H,)``, ``x (L, N, I)``, ``h0 (N, H)``; as LSTM otherwise."""
+    return _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, unroll, hoist)[0]
 
 
-def _gru_fwd(w_hh, b_hn, xw, h0, valid, reverse, unroll):
-    ys, h_n, saved = _gru_forward(w_hh, b_hn, xw, h0, valid, reverse, unroll)
-    return (ys, h_n), (w_hh, valid, saved)
+def _gru_fwd(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, unroll, hoist):
+    out, saved = _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, unroll, hoist)
+    return out, (w_ih, w_hh, x, valid, saved)
 
 
-def _gru_bwd(reverse, unroll, residuals, cotangents):
-    w_hh, valid, (rzs, ns, hns, hs_prev) = residuals
+def _gru_bwd(reverse, unroll, hoist, residuals, cotangents):
+    w_ih, w_hh, x, valid, (rzs, ns, hns, hs_prev) = residuals
     dys, dh_n = cotangents
 
     def step(dh, inputs):
@@ -175,20 +192,13 @@ def _gru_bwd(reverse, unroll, residuals, cotangents):
             jnp.where(valid_t, dhw, zero),
         )
 
-    xs = (dys, rzs, ns, hns, hs_prev, valid)
-    if valid is None:
-
-        def body(carry, inputs):
-            return step(carry, (*inputs, None))
-
-        xs = xs[:-1]
-    else:
-        body = step
-    dh0, (dxw, dhw) = lax.scan(body, dh_n, xs, reverse=not reverse, unroll=unroll)
-    hidden = dh0.shape[-1]
+    dh0, (dxw, dhw) = _backward_scan(
+        step, dh_n, (dys, rzs, ns, hns, hs_prev), valid, reverse, unroll
+    )
+    dw_ih, dbias, dx = _input_grads(dxw, x, w_ih)
     dw_hh = jnp.einsum("tng,tnh->gh", dhw, hs_prev)
-    db_hn = jnp.sum(dhw[..., 2 * hidden :], axis=(0, 1))
-    return dw_hh, db_hn, dxw, dh0, None
+    db_hn = jnp.sum(dhw[..., 2 * dh0.shape[-1] :], axis=(0, 1))
+    return dw_ih, dw_hh, dbias, db_hn, dx, dh0, None
 
 
 gru_recurrence.defvjp(_gru_fwd, _gru_bwd)
