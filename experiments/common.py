@@ -316,18 +316,27 @@ def pyplot():
 
 
 def plot_curves(
-    path: Path, records: list[dict], panels: Sequence[tuple[str, str, str]], *, title: str = ""
+    path: Path,
+    records: list[dict],
+    panels: Sequence[tuple[str | tuple[str, ...], str, str]],
+    *,
+    title: str = "",
 ) -> None:
-    """One panel per ``(key, label, scale)`` against ``step``; scale: linear, log or percent."""
+    """One panel per ``(keys, label, scale)``, each key against ``step`` (a legend where a panel
+    has several); scale: ``"linear"``, ``"log"`` or ``"percent"``."""
     plt = pyplot()
     from matplotlib.ticker import PercentFormatter
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
-    for ax, (key, label, scale) in zip(axes[0], panels, strict=True):
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        if points:
-            steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, marker="o", markersize=3)
+    for ax, (keys, label, scale) in zip(axes[0], panels, strict=True):
+        keys = (keys,) if isinstance(keys, str) else keys
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, marker="o", markersize=3, label=key.replace("_", " "))
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
         if scale == "log":
             ax.set_yscale("log")
         elif scale == "percent":

@@ -391,7 +391,10 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
     common.plot_curves(
         workdir / "curves.png",
         records,
-        [("train_loss", "train loss", "log"), ("test_accuracy", "test accuracy", "percent")],
+        [
+            (("train_loss", "test_loss"), "cross-entropy", "log"),
+            ("test_accuracy", "test accuracy", "percent"),
+        ],
         title=f"{config.dataset}: {config.cell} {config.hidden_size}, row by row",
     )
     plot_predictions(

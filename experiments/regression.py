@@ -206,10 +206,7 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
     common.plot_curves(
         workdir / "curves.png",
         records,
-        [
-            ("train_loss", "train MSE (mean over the interval)", "log"),
-            ("eval_mse", "eval MSE", "log"),
-        ],
+        [(("train_loss", "eval_mse"), "MSE", "log")],
         title=f"sin -> cos, {cell} {config.hidden_size}",
     )
     print(f"eval MSE {last['eval_mse']:.2e} after {config.steps} steps; wrote {workdir.path}")
