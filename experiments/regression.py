@@ -222,7 +222,8 @@ def plot_prediction(path, t, x, y, prediction, *, title: str) -> None:
     ax.plot(t, prediction, color="tab:blue", linestyle="--", marker=".", label="prediction")
     ax.set_xlabel("t")
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylim(-1.25, 1.55)  # room for the legend above the curves
+    ax.legend(loc="upper center", ncol=3, fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
