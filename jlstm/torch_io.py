@@ -95,6 +95,7 @@ def to_torch(params: Mapping) -> dict[str, np.ndarray]:
         )
     out = {}
     for name in sorted(params, key=_sort_key):
-        value = np.array(params[name])  # a writable copy: torch.from_numpy warns on read-only arrays
+        # A writable copy: torch.from_numpy warns on the read-only views np.asarray gives.
+        value = np.array(params[name])
         out[name] = value.astype(np.float32) if value.dtype == jnp.bfloat16 else value
     return out
