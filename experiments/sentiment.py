@@ -9,8 +9,9 @@ Reviews come from tfds ``imdb_reviews`` (25,000 train / 25,000 test, balanced) t
 ArrayRecord data source, no TensorFlow needed, or from a directory of JSON lines
 (``{"text": ..., "label": 0 or 1}``). A vocabulary of the ``--vocab-size`` most frequent words
 of the training texts is built with HuggingFace ``tokenizers`` (lower-cased, ``<br />`` removed,
-split on whitespace and punctuation; other words become ``[UNK]``) and saved as ``tokenizer.json`` in the work dir. Each review
-is cut or padded to ``--max-len`` tokens; the padding never reaches the model: ``jlstm.lstm`` gets
+split on whitespace and punctuation; other words become ``[UNK]``) and saved as
+``tokenizer.json`` in the work dir. Each review is cut or padded to ``--max-len`` tokens; the
+padding never reaches the model: ``jlstm.lstm`` gets
 ``seq_lengths``, so the reverse direction starts at each review's own last token and ``h_n`` is
 the state there. Model: embedding -> dropout -> bidirectional ``jlstm.lstm`` -> features ->
 dropout -> linear -> 2 classes. ``--pool max`` (default) takes the maximum of each output feature
@@ -21,7 +22,8 @@ literature (Dai & Le 2015; Johnson & Zhang 2016). Softmax cross-entropy, Adam (o
 cosine schedule and gradient clipping. Data lives on the device and each chunk of training steps
 is one jitted ``lax.scan``, as in ``experiments/mnist.py``. The work dir gets ``metrics.jsonl``,
 ``summary.json``, ``curves.png``, ``tokenizer.json`` and an orbax checkpoint per epoch; rerunning
-the same command resumes, ``--restart`` starts over.
+the same command resumes, ``--restart`` starts over. ``train_accuracy`` in the metrics is the
+running mean over the steps since the last evaluation (with dropout, weights still changing).
 """
 
 from __future__ import annotations
