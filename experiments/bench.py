@@ -420,7 +420,7 @@ def environment(args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "-m", "experiments.bench", *sys.argv[1:]]),
         "git_commit": git("rev-parse", "--short", "HEAD")
-        + ("-dirty" if git("status", "-s") else ""),
+        + ("-dirty" if git("status", "-s", "--untracked-files=no") else ""),
         "versions": {
             "python": platform.python_version(),
             "jax": jax.__version__,
@@ -441,6 +441,7 @@ def environment(args) -> dict:
         "threads": {
             "torch_intra_op": torch.get_num_threads(),
             "torch_inter_op": torch.get_num_interop_threads(),
+            "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))},
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "xla_cpu_threads": "XLA default (one per core)",
         },
@@ -533,7 +534,8 @@ def main(argv=None):
         print(
             f"WARNING: load average reached {max(loads):.1f} on {os.cpu_count()} cores: other "
             "processes shared the CPU, and torch's OpenMP threads lose far more to that than XLA's "
-            "(ratios to torch come out too low); rerun on a quiet machine or with --torch-threads 1"
+            "(ratios to torch come out too low); rerun on a quiet machine"
+            + (" or with --torch-threads 1" if args.torch_threads > 1 else "")
         )
     failed = [r for r in results if any("error" in v for v in r["impls"].values())]
     return 1 if failed else 0
