@@ -6,6 +6,14 @@ PIP := $(PY) -m pip
 # torch is the test oracle only, never a runtime dependency (2.13.0 is the CPU build used here).
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+# Where tfds looks for prepared datasets: TFDS_DATA_DIR if set, else a prepared copy beside the
+# checkout (../shared/tensorflow_datasets, as on this project's machines), else tfds' own default.
+SHARED_TFDS := $(abspath ../shared/tensorflow_datasets)
+ifeq ($(origin TFDS_DATA_DIR),undefined)
+ifneq ($(wildcard $(SHARED_TFDS)),)
+export TFDS_DATA_DIR := $(SHARED_TFDS)
+endif
+endif
 
 .PHONY: install test lint format bench bench-quick train-mnist train-regression train-sentiment clean
 
