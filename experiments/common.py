@@ -1,4 +1,5 @@
-"""What every training program here shares: flags, the work dir, metrics, checkpoints, plots.
+"""What every training program here shares: flags, the work dir, metrics, checkpoints, data,
+the epoch loop and plots.
 
 A program declares its config as a frozen dataclass whose fields are made with :func:`option`,
 and runs as ``sys.exit(common.main(train, Config, argv, __doc__))``: flags come from the fields,
@@ -9,17 +10,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 METRICS = "metrics.jsonl"
@@ -264,7 +269,230 @@ def check_same_config(saved: dict, config: Any, *, free: Sequence[str] = ()) -> 
         )
 
 
+def run_in_workdir(config: Any, train: Callable[[Any, Workdir, Checkpoints], Any]) -> Any:
+    """``train(config, workdir, checkpoints)`` in ``config.workdir``, closing the checkpoints after."""
+    workdir = Workdir(config.workdir, restart=config.restart)
+    checkpoints = workdir.checkpoints()
+    try:
+        return train(config, workdir, checkpoints)
+    finally:
+        checkpoints.close()
+
+
+def saved_meta(checkpoints: Checkpoints, config: Any, *, free: Sequence[str] = ()) -> dict | None:
+    """The latest checkpoint's ``meta`` (None for a new run), once its config matches ``config``."""
+    meta = checkpoints.meta()
+    if meta is not None:
+        check_same_config(meta["config"], config, free=free)
+    return meta
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def tfds_source(
+    name: str,
+    split: str,
+    data_dir: str | None,
+    *,
+    check: Callable[[Any], str | None],
+    alternatives: str,
+    hint: str = "",
+):
+    """tfds' random-access data source of a prepared dataset (ArrayRecord; no TensorFlow needed).
+
+    ``check(features)`` returns why the dataset does not fit the program ("has images of shape
+    ...", after "--dataset NAME"), or None;
+    ``alternatives`` ends the unknown-name error ("pass --dataset mnist, ..."); ``hint`` is added
+    to the advice on where prepared data may be.
+    """
+    import tensorflow_datasets as tfds
+
+    try:  # the builder knows the features before any data is there
+        features = tfds.builder(name, data_dir=data_dir).info.features
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ExperimentError(f"tfds has no dataset named {name!r}; {alternatives}") from None
+    problem = check(features)
+    if problem:
+        raise ExperimentError(f"--dataset {name} {problem}")
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception:  # not prepared in data_dir (tfds raises several kinds): prepare it
+        pass
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    hint = "point --data-dir (or TFDS_DATA_DIR) at a directory where it is prepared" + hint
+    if importlib.util.find_spec("tensorflow") is None:
+        raise ExperimentError(
+            f"tfds found no prepared {name!r} in {where}, and preparing it needs TensorFlow "
+            f"(pip install 'jlstm[prepare]') and internet; or {hint}"
+        )
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExperimentError(
+            f"tfds could not download and prepare {name!r} in {where} ({reason}); "
+            f"without internet, {hint}"
+        ) from None
+
+
+def read_all(source) -> list[dict]:
+    """Every example of a tfds data source, as a list of feature dicts."""
+    try:
+        return source.__getitems__(range(len(source)))  # one batched read
+    except TypeError:  # tfds.testing.mock_data's source lacks a working __getitems__
+        return [source[i] for i in range(len(source))]
+
+
+def pad_to_batches(x: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` padded with zeros and ``labels`` with -1 to a multiple of ``size`` examples."""
+    pad = -len(labels) % size
+    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+    return x, np.concatenate([labels, np.full(pad, -1, labels.dtype)])
+
+
+def epoch_batches(
+    key: jax.Array, epoch: int, n: int, steps: int, batch_size: int, pad: int
+) -> jax.Array:
+    """An epoch's shuffled example indices, ``(steps + pad, batch_size)`` (the last ``pad`` rows
+    are zeros), made on the device."""
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    return jnp.pad(order[: steps * batch_size].reshape(steps, batch_size), ((0, pad), (0, 0)))
+
+
 # ------------------------------------------------------------------------------------ training
+
+
+def chunk_length(steps_per_epoch: int, eval_every: int) -> int:
+    """Training steps per jitted chunk: the progress bar moves ~10 times per epoch, and a chunk
+    never runs past an evaluation."""
+    chunk = max(1, -(-steps_per_epoch // 10))
+    return min(chunk, eval_every) if eval_every else chunk
+
+
+def chunk_ends(start: int, end: int, chunk: int, eval_every: int) -> list[int]:
+    """Global steps in ``(start, end]`` where a jitted chunk stops: every ``chunk`` steps (so
+    the progress bar moves), at each multiple of ``eval_every``, and at ``end``."""
+    stops = set(range(start + chunk, end, chunk)) | {end}
+    if eval_every:
+        stops |= set(range(start - start % eval_every + eval_every, end, eval_every))
+    return sorted(stops)
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """Where an epoch-based run stands; saved in each checkpoint's ``meta``."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # training steps taken
+    seconds: float = 0.0  # wall time of training and evaluation so far
+    step_seconds: float = 0.0  # of which in training steps
+
+
+def resume(
+    checkpoints: Checkpoints, workdir: Workdir, state: Any, meta: dict | None, epochs: int
+) -> tuple[Any, Position]:
+    """``(state, position)``: the fresh ``state`` at the start, or the checkpoint's (``meta``
+    from :func:`saved_meta`), dropping metrics written after it."""
+    if meta is None:
+        workdir.metrics.keep_until(-1)
+        return state, Position()
+    state = checkpoints.restore(state)
+    at = Position(meta["epoch"], meta["step"], meta["seconds"], meta["step_seconds"])
+    workdir.metrics.keep_until(at.step)
+    if at.epoch < epochs:
+        print(f"resuming {workdir.path} after epoch {at.epoch}/{epochs} (step {at.step})")
+    else:
+        print(
+            f"{workdir.path} holds a run already finished; rewriting its summary and plots "
+            "(add --restart to train again)"
+        )
+    return state, at
+
+
+def train_epochs(
+    config: Any,
+    state: Any,
+    at: Position,
+    *,
+    steps_per_epoch: int,
+    chunk: int,
+    epoch_steps: Callable[[int], Callable[[Any, int, int], tuple[Any, dict]]],
+    evaluate: Callable[[Any], dict],
+    workdir: Workdir,
+    checkpoints: Checkpoints,
+    unit: str,
+) -> tuple[Any, Position]:
+    """Trains from ``at`` to ``config.epochs`` epochs of ``config.batch_size`` examples, logging
+    to ``metrics.jsonl`` after each epoch (and every ``config.eval_every`` steps) and saving a
+    checkpoint after each epoch. Returns the final ``(state, position)``.
+
+    ``epoch_steps(epoch)`` prepares an epoch (shuffles it) and returns ``run(state, start, n) ->
+    (state, metrics)``, which takes the epoch's steps ``start .. start + n - 1`` (``n <= chunk``);
+    ``metrics`` maps names to per-step arrays (at least ``n`` long; ``"loss"`` is required), logged
+    as ``train_<name>``, the mean since the last evaluation. ``evaluate(state)`` returns the test
+    metrics of a log record (``"test_accuracy"`` is required).
+    """
+    started, seconds = time.perf_counter(), at.seconds
+    epoch, step, step_seconds = at.epoch, at.step, at.step_seconds
+
+    def record(train: dict[str, list[float]]) -> dict:
+        result = {"epoch": round(step / steps_per_epoch, 4), "step": step}
+        result |= {f"train_{name}": float(np.mean(values)) for name, values in train.items()}
+        result |= evaluate(state)
+        result["seconds"] = round(seconds + time.perf_counter() - started, 3)
+        workdir.metrics.append(result)
+        return result
+
+    while epoch < config.epochs:
+        bar = progress(
+            steps_per_epoch * config.batch_size,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            unit=unit,
+            unit_scale=True,
+        )
+        run = epoch_steps(epoch)
+        train: dict[str, list[float]] = {}
+        first, last = epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch
+        for end in chunk_ends(first, last, chunk, config.eval_every):
+            n = end - step
+            t0 = time.perf_counter()
+            state, metrics = run(state, step - first, n)
+            for name, values in metrics.items():
+                train.setdefault(name, []).extend(np.asarray(values)[:n].tolist())
+            step_seconds += time.perf_counter() - t0
+            step = end
+            bar.update(n * config.batch_size)
+            bar.set_postfix(loss=f"{np.mean(train['loss'][-n:]):.4f}")
+            if config.eval_every and step % config.eval_every == 0 and end < last:
+                r = record(train)
+                train = {}
+                bar.write(f"  step {step}: test accuracy {r['test_accuracy']:.2%}")
+        epoch += 1
+        r = record(train)
+        bar.set_postfix(loss=f"{r['train_loss']:.4f}", test_acc=f"{r['test_accuracy']:.2%}")
+        bar.close()
+        at = Position(epoch, step, r["seconds"], step_seconds)
+        checkpoints.save(
+            step, state, dataclasses.asdict(at) | {"config": dataclasses.asdict(config)}
+        )
+    return state, at
+
+
+def epoch_summary(config: Any, at: Position, records: list[dict], params: Any) -> dict:
+    """``summary.json`` of an epoch-based run whose log ends with ``test_accuracy``/``test_loss``."""
+    last = records[-1]
+    return {
+        "test_accuracy": last["test_accuracy"],
+        "test_loss": last["test_loss"],
+        "epochs": config.epochs,
+        "steps": at.step,
+        "train_seconds": last["seconds"],
+        "examples_per_second": round(at.step * config.batch_size / max(at.step_seconds, 1e-9), 1),
+        "num_params": num_params(params),
+        "device": device_name(),
+        "config": dataclasses.asdict(config),
+    }
 
 
 def optimizer(

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
-import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -70,58 +67,29 @@ RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart")
 
 def load(name: str, split: str, data_dir: str | None):
     """``(images, labels, label_names)``: uint8 ``(N, 28, 28)``, int32 ``(N,)``, numpy arrays."""
-    source = _data_source(name, split, data_dir)
-    examples = _read_all(source)
+    source = common.tfds_source(
+        name,
+        split,
+        data_dir,
+        check=_check_features,
+        alternatives="pass --dataset mnist, fashion_mnist or kmnist",
+        hint=" (in this repository's CI: --data-dir ../shared/tensorflow_datasets)",
+    )
+    examples = common.read_all(source)
     images = np.stack([ex["image"][..., 0] for ex in examples])
     labels = np.array([ex["label"] for ex in examples], dtype=np.int32)
     return images, labels, list(source.dataset_info.features["label"].names)
 
 
-def _data_source(name: str, split: str, data_dir: str | None):
-    import tensorflow_datasets as tfds
-
-    try:  # the builder knows the features before any data is there
-        features = tfds.builder(name, data_dir=data_dir).info.features
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ExperimentError(
-            f"tfds has no dataset named {name!r}; pass --dataset mnist, fashion_mnist or kmnist"
-        ) from None
+def _check_features(features) -> str | None:
     image_shape = tuple(features["image"].shape) if "image" in features else None
     num_classes = getattr(features["label"], "num_classes", None) if "label" in features else None
     if image_shape != IMAGE_SHAPE or num_classes != NUM_CLASSES:
-        raise ExperimentError(
-            f"--dataset {name} has images of shape {image_shape} in {num_classes} classes, but "
-            "this program reads 28x28 grayscale images in 10 classes (mnist, fashion_mnist, kmnist)"
+        return (
+            f"has images of shape {image_shape} in {num_classes} classes, but this program "
+            "reads 28x28 grayscale images in 10 classes (mnist, fashion_mnist, kmnist)"
         )
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception:  # not prepared in data_dir (tfds raises several kinds): prepare it
-        pass
-    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    hint = (
-        "point --data-dir (or TFDS_DATA_DIR) at a directory where it is prepared "
-        "(in this repository's CI: --data-dir ../shared/tensorflow_datasets)"
-    )
-    if importlib.util.find_spec("tensorflow") is None:
-        raise ExperimentError(
-            f"tfds found no prepared {name!r} in {where}, and preparing it needs TensorFlow "
-            f"(pip install 'jlstm[prepare]') and internet; or {hint}"
-        )
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=True)
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ExperimentError(
-            f"tfds could not download and prepare {name!r} in {where} ({reason}); "
-            f"without internet, {hint}"
-        ) from None
-
-
-def _read_all(source) -> list[dict]:
-    try:
-        return source.__getitems__(range(len(source)))  # one batched read
-    except TypeError:  # tfds.testing.mock_data's source lacks a working __getitems__
-        return [source[i] for i in range(len(source))]
+    return None
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -225,48 +193,16 @@ def make_evaluate(config: Config):
     return evaluate
 
 
-def pad_to_batches(images: np.ndarray, labels: np.ndarray, size: int):
-    pad = -len(labels) % size
-    images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-    return images, np.concatenate([labels, np.full(pad, -1, labels.dtype)])
-
-
-def epoch_batches(
-    key: jax.Array, epoch: int, n: int, steps: int, batch_size: int, pad: int
-) -> jax.Array:
-    """An epoch's shuffled example indices, ``(steps + pad, batch_size)`` (the last ``pad`` rows
-    are zeros), made on the device."""
-    order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-    return jnp.pad(order[: steps * batch_size].reshape(steps, batch_size), ((0, pad), (0, 0)))
-
-
-def chunk_ends(start: int, end: int, chunk: int, eval_every: int) -> list[int]:
-    """Global steps in ``(start, end]`` where a jitted chunk stops: every ``chunk`` steps (so
-    the progress bar moves), at each multiple of ``eval_every``, and at ``end``."""
-    stops = set(range(start + chunk, end, chunk)) | {end}
-    if eval_every:
-        stops |= set(range(start - start % eval_every + eval_every, end, eval_every))
-    return sorted(stops)
-
-
 # -------------------------------------------------------------------------------------- training
 
 
 def train(config: Config) -> dict:
     """Trains (or resumes) as ``config`` says, writes the work dir, returns the summary."""
-    workdir = common.Workdir(config.workdir, restart=config.restart)
-    checkpoints = workdir.checkpoints()
-    try:
-        return _train(config, workdir, checkpoints)
-    finally:
-        checkpoints.close()
+    return common.run_in_workdir(config, _train)
 
 
 def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoints) -> dict:
-    meta = checkpoints.meta()
-    if meta is not None:
-        common.check_same_config(meta["config"], config, free=RESUMABLE_CHANGES)
-
+    meta = common.saved_meta(checkpoints, config, free=RESUMABLE_CHANGES)
     train_x, train_y, _ = load(config.dataset, "train", config.data_dir)
     test_x, test_y, label_names = load(config.dataset, "test", config.data_dir)
     n_train, n_test = len(train_y), len(test_y)
@@ -275,118 +211,58 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
             f"--batch-size {config.batch_size} is larger than the {n_train} training examples"
         )
     steps_per_epoch = n_train // config.batch_size
-    total_steps = config.epochs * steps_per_epoch
     train_x, train_y = jax.device_put(train_x), jax.device_put(train_y)
-    test_x, test_y = map(jax.device_put, pad_to_batches(test_x, test_y, EVAL_BATCH))
+    test_x, test_y = map(jax.device_put, common.pad_to_batches(test_x, test_y, EVAL_BATCH))
 
-    chunk = max(1, -(-steps_per_epoch // 10))  # the bar moves ~10 times per epoch
-    if config.eval_every:
-        chunk = min(chunk, config.eval_every)
+    chunk = common.chunk_length(steps_per_epoch, config.eval_every)
     tx, train_chunk, evaluate = compiled(
-        dataclasses.replace(config, **UNCOMPILED), total_steps, chunk
+        dataclasses.replace(config, **UNCOMPILED), config.epochs * steps_per_epoch, chunk
     )
     params = init_params(config)
-    state = (params, tx.init(params))
-    if meta is None:
-        epoch, step, seconds, step_seconds = 0, 0, 0.0, 0.0
-        workdir.metrics.keep_until(-1)
-    else:
-        state = checkpoints.restore(state)
-        epoch, step = meta["epoch"], meta["step"]
-        seconds, step_seconds = meta["seconds"], meta["step_seconds"]
-        workdir.metrics.keep_until(step)
-        if epoch < config.epochs:
-            print(f"resuming {workdir.path} after epoch {epoch}/{config.epochs} (step {step})")
-        else:
-            print(
-                f"{workdir.path} holds a run already finished; rewriting its summary and plots "
-                "(add --restart to train again)"
-            )
-
-    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    state, at = common.resume(checkpoints, workdir, (params, tx.init(params)), meta, config.epochs)
     print(
         f"{config.dataset}: {n_train} train / {n_test} test images; {config.cell} "
         f"{config.hidden_size}x{config.num_layers}, {common.num_params(params)} parameters; "
         f"{config.epochs} epochs of {steps_per_epoch} steps on {common.device_name()}"
     )
 
-    predictions = None  # of the latest evaluation
+    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
-    def record(losses: list[float]) -> dict:
-        nonlocal predictions
-        loss_sum, correct, predictions = evaluate(state[0], test_x, test_y)
-        result = {
-            "epoch": round(step / steps_per_epoch, 4),
-            "step": step,
-            "train_loss": float(np.mean(losses)),
-            "test_loss": float(loss_sum) / n_test,
-            "test_accuracy": int(correct) / n_test,
-            "seconds": round(seconds + time.perf_counter() - started, 3),
-        }
-        workdir.metrics.append(result)
-        return result
-
-    started = time.perf_counter()
-    while epoch < config.epochs:
-        bar = common.progress(
-            steps_per_epoch * config.batch_size,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            unit="ex",
-            unit_scale=True,
-        )
-        batches = epoch_batches(
+    def epoch_steps(epoch: int):
+        batches = common.epoch_batches(
             data_key, epoch, n_train, steps_per_epoch, config.batch_size, pad=chunk
         )
-        losses: list[float] = []
-        first = epoch * steps_per_epoch
-        for end in chunk_ends(first, first + steps_per_epoch, chunk, config.eval_every):
-            n = end - step
-            t0 = time.perf_counter()
-            state, chunk_losses = train_chunk(state, batches, step - first, n, train_x, train_y)
-            losses.extend(np.asarray(chunk_losses[:n]).tolist())
-            step_seconds += time.perf_counter() - t0
-            step = end
-            bar.update(n * config.batch_size)
-            bar.set_postfix(loss=f"{np.mean(losses[-n:]):.4f}")
-            if (
-                config.eval_every
-                and step % config.eval_every == 0
-                and end < first + steps_per_epoch
-            ):
-                r = record(losses)
-                losses = []
-                bar.write(f"  step {step}: test accuracy {r['test_accuracy']:.2%}")
-        epoch += 1
-        r = record(losses)
-        bar.set_postfix(loss=f"{r['train_loss']:.4f}", test_acc=f"{r['test_accuracy']:.2%}")
-        bar.close()
-        checkpoints.save(
-            step,
-            state,
-            {
-                "epoch": epoch,
-                "step": step,
-                "seconds": r["seconds"],
-                "step_seconds": step_seconds,
-                "config": dataclasses.asdict(config),
-            },
-        )
+
+        def run(state, start: int, n: int):
+            state, losses = train_chunk(state, batches, start, n, train_x, train_y)
+            return state, {"loss": losses}
+
+        return run
+
+    predictions = None  # of the latest evaluation
+
+    def test_metrics(state) -> dict:
+        nonlocal predictions
+        loss_sum, correct, predictions = evaluate(state[0], test_x, test_y)
+        return {"test_loss": float(loss_sum) / n_test, "test_accuracy": int(correct) / n_test}
+
+    state, at = common.train_epochs(
+        config,
+        state,
+        at,
+        steps_per_epoch=steps_per_epoch,
+        chunk=chunk,
+        epoch_steps=epoch_steps,
+        evaluate=test_metrics,
+        workdir=workdir,
+        checkpoints=checkpoints,
+        unit="ex",
+    )
 
     records = workdir.metrics.records()
-    last = records[-1]
     if predictions is None:  # a finished run, rerun: nothing was trained or evaluated
         _, _, predictions = evaluate(state[0], test_x, test_y)
-    summary = {
-        "test_accuracy": last["test_accuracy"],
-        "test_loss": last["test_loss"],
-        "epochs": config.epochs,
-        "steps": step,
-        "train_seconds": last["seconds"],
-        "examples_per_second": round(step * config.batch_size / max(step_seconds, 1e-9), 1),
-        "num_params": common.num_params(state[0]),
-        "device": common.device_name(),
-        "config": dataclasses.asdict(config),
-    }
+    summary = common.epoch_summary(config, at, records, state[0])
     common.write_json(workdir / common.SUMMARY, summary)
     common.plot_curves(
         workdir / "curves.png",
@@ -397,6 +273,7 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         ],
         title=f"{config.dataset}: {config.cell} {config.hidden_size}, row by row",
     )
+    accuracy = summary["test_accuracy"]
     plot_predictions(
         workdir / "predictions.png",
         np.asarray(test_x[:SHOWN]),
@@ -404,11 +281,11 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         np.asarray(predictions[:SHOWN]),
         label_names,
         title=f"{config.dataset} test images: predicted / true "
-        f"(accuracy {last['test_accuracy']:.2%} on all {n_test})",
+        f"(accuracy {accuracy:.2%} on all {n_test})",
     )
     print(
-        f"test accuracy {last['test_accuracy']:.2%} after {config.epochs} epochs, "
-        f"{last['seconds']:.0f} s of training; wrote {workdir.path}"
+        f"test accuracy {accuracy:.2%} after {config.epochs} epochs, "
+        f"{summary['train_seconds']:.0f} s of training; wrote {workdir.path}"
     )
     return summary
 

@@ -118,18 +118,11 @@ def make_evaluate(cell: str):
 
 def train(config: Config) -> dict:
     """Trains (or resumes) as ``config`` says, writes the work dir, returns the summary."""
-    workdir = common.Workdir(config.workdir, restart=config.restart)
-    checkpoints = workdir.checkpoints()
-    try:
-        return _train(config, workdir, checkpoints)
-    finally:
-        checkpoints.close()
+    return common.run_in_workdir(config, _train)
 
 
 def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoints) -> dict:
-    meta = checkpoints.meta()
-    if meta is not None:
-        common.check_same_config(meta["config"], config, free=RESUMABLE_CHANGES)
+    meta = common.saved_meta(checkpoints, config, free=RESUMABLE_CHANGES)
     cell = config.cell
     tx, train_chunk, evaluate = compiled(cell, config.lr, config.steps)
     params = models.init(jax.random.key(config.seed), cell, 1, config.hidden_size, 1)

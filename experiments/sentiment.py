@@ -31,11 +31,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -46,7 +43,6 @@ import optax
 import jlstm
 from experiments import common, models
 from experiments.common import ExperimentError, option
-from experiments.mnist import chunk_ends, epoch_batches, pad_to_batches
 
 PAD, UNK = "[PAD]", "[UNK]"  # special tokens; PAD gets id 0, so lengths are ``tokens != 0``
 EVAL_BATCH = 500  # test reviews per forward pass in evaluation (bounds its memory)
@@ -106,11 +102,14 @@ def load(dataset: str, split: str, data_dir: str | None) -> tuple[list[str], np.
     """``(texts, labels)`` of a split: a list of str and an int32 ``(N,)`` array."""
     if Path(dataset).is_dir():
         return _load_jsonl(Path(dataset) / f"{split}.jsonl")
-    source = _data_source(dataset, split, data_dir)
-    try:
-        examples = source.__getitems__(range(len(source)))  # one batched read
-    except TypeError:  # tfds.testing.mock_data's source lacks a working __getitems__
-        examples = [source[i] for i in range(len(source))]
+    source = common.tfds_source(
+        dataset,
+        split,
+        data_dir,
+        check=_check_features,
+        alternatives="pass --dataset imdb_reviews, or a directory holding train.jsonl and test.jsonl",
+    )
+    examples = common.read_all(source)
     texts = [ex["text"] for ex in examples]
     texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
     return texts, np.array([ex["label"] for ex in examples], dtype=np.int32)
@@ -142,42 +141,17 @@ def _load_jsonl(path: Path) -> tuple[list[str], np.ndarray]:
     return texts, np.array(labels, dtype=np.int32)
 
 
-def _data_source(name: str, split: str, data_dir: str | None):
+def _check_features(features) -> str | None:
     import tensorflow_datasets as tfds
 
-    try:  # the builder knows the features before any data is there
-        features = tfds.builder(name, data_dir=data_dir).info.features
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ExperimentError(
-            f"tfds has no dataset named {name!r}; pass --dataset imdb_reviews, or a directory "
-            "holding train.jsonl and test.jsonl"
-        ) from None
     text_ok = "text" in features and isinstance(features["text"], tfds.features.Text)
     label = features["label"] if "label" in features else None
     if not (text_ok and isinstance(label, tfds.features.ClassLabel) and label.num_classes == 2):
-        raise ExperimentError(
-            f"--dataset {name} has features {sorted(features)}, but this program reads a 'text' "
-            "string and a two-class 'label' (imdb_reviews, yelp_polarity_reviews)"
+        return (
+            f"has features {sorted(features)}, but this program reads a 'text' string and a "
+            "two-class 'label' (imdb_reviews, yelp_polarity_reviews)"
         )
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception:  # not prepared in data_dir (tfds raises several kinds): prepare it
-        pass
-    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    hint = "point --data-dir (or TFDS_DATA_DIR) at a directory where it is prepared"
-    if importlib.util.find_spec("tensorflow") is None:
-        raise ExperimentError(
-            f"tfds found no prepared {name!r} in {where}, and preparing it needs TensorFlow "
-            f"(pip install 'jlstm[prepare]') and internet; or {hint}"
-        )
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=True)
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ExperimentError(
-            f"tfds could not download and prepare {name!r} in {where} ({reason}); "
-            f"without internet, {hint}"
-        ) from None
+    return None
 
 
 # ------------------------------------------------------------------------------------- tokenizer
@@ -372,19 +346,11 @@ def make_evaluate(config: Config):
 
 def train(config: Config) -> dict:
     """Trains (or resumes) as ``config`` says, writes the work dir, returns the summary."""
-    workdir = common.Workdir(config.workdir, restart=config.restart)
-    checkpoints = workdir.checkpoints()
-    try:
-        return _train(config, workdir, checkpoints)
-    finally:
-        checkpoints.close()
+    return common.run_in_workdir(config, _train)
 
 
 def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoints) -> dict:
-    meta = checkpoints.meta()
-    if meta is not None:
-        common.check_same_config(meta["config"], config, free=RESUMABLE_CHANGES)
-
+    meta = common.saved_meta(checkpoints, config, free=RESUMABLE_CHANGES)
     train_texts, train_y = load(config.dataset, "train", config.data_dir)
     test_texts, test_y = load(config.dataset, "test", config.data_dir)
     n_train, n_test = len(train_y), len(test_y)
@@ -406,38 +372,18 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
     test_x, _ = encode(tokenizer, test_texts, config.max_len)
 
     steps_per_epoch = n_train // config.batch_size
-    total_steps = config.epochs * steps_per_epoch
     eval_batch = min(EVAL_BATCH, n_test)
-    test_x, test_y = pad_to_batches(test_x, test_y, eval_batch)
+    test_x, test_y = common.pad_to_batches(test_x, test_y, eval_batch)
     test_x = jax.device_put(test_x.reshape(-1, eval_batch, config.max_len))
     test_y = jax.device_put(test_y.reshape(-1, eval_batch))
     train_x, train_y = jax.device_put(train_x), jax.device_put(train_y)
 
-    chunk = max(1, -(-steps_per_epoch // 10))  # the bar moves ~10 times per epoch
-    if config.eval_every:
-        chunk = min(chunk, config.eval_every)
+    chunk = common.chunk_length(steps_per_epoch, config.eval_every)
     tx, train_chunk, evaluate = compiled(
-        dataclasses.replace(config, **UNCOMPILED), total_steps, chunk
+        dataclasses.replace(config, **UNCOMPILED), config.epochs * steps_per_epoch, chunk
     )
     params = init_params(config, tokenizer.get_vocab_size())
-    state = (params, tx.init(params))
-    if meta is None:
-        epoch, step, seconds, step_seconds = 0, 0, 0.0, 0.0
-        workdir.metrics.keep_until(-1)
-    else:
-        state = checkpoints.restore(state)
-        epoch, step = meta["epoch"], meta["step"]
-        seconds, step_seconds = meta["seconds"], meta["step_seconds"]
-        workdir.metrics.keep_until(step)
-        if epoch < config.epochs:
-            print(f"resuming {workdir.path} after epoch {epoch}/{config.epochs} (step {step})")
-        else:
-            print(
-                f"{workdir.path} holds a run already finished; rewriting its summary and plots "
-                "(add --restart to train again)"
-            )
-
-    data_key, dropout_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
+    state, at = common.resume(checkpoints, workdir, (params, tx.init(params)), meta, config.epochs)
     print(
         f"{config.dataset}: {n_train} train / {n_test} test reviews; vocabulary of "
         f"{tokenizer.get_vocab_size()} tokens; median review {np.median(lengths):.0f} "
@@ -447,91 +393,43 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         f"steps on {common.device_name()}"
     )
 
-    def record(losses: list[float], accuracies: list[float]) -> dict:
-        loss_sum, correct = evaluate(state[0], test_x, test_y)
-        result = {
-            "epoch": round(step / steps_per_epoch, 4),
-            "step": step,
-            "train_loss": float(np.mean(losses)),
-            "train_accuracy": float(np.mean(accuracies)),
-            "test_loss": float(loss_sum) / n_test,
-            "test_accuracy": int(correct) / n_test,
-            "seconds": round(seconds + time.perf_counter() - started, 3),
-        }
-        workdir.metrics.append(result)
-        return result
+    data_key, dropout_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
 
-    started = time.perf_counter()
-    while epoch < config.epochs:
-        bar = common.progress(
-            steps_per_epoch * config.batch_size,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            unit="review",
-            unit_scale=True,
-        )
-        batches = epoch_batches(
+    def epoch_steps(epoch: int):
+        batches = common.epoch_batches(
             data_key, epoch, n_train, steps_per_epoch, config.batch_size, pad=chunk
         )
-        losses: list[float] = []
-        accuracies: list[float] = []
-        first = epoch * steps_per_epoch
-        for end in chunk_ends(first, first + steps_per_epoch, chunk, config.eval_every):
-            n = end - step
-            t0 = time.perf_counter()
-            state, (chunk_losses, chunk_accuracies) = train_chunk(
-                state,
-                batches,
-                step - first,
-                n,
-                train_x,
-                train_y,
-                jax.random.fold_in(dropout_key, step),
+
+        def run(state, start: int, n: int):
+            key = jax.random.fold_in(dropout_key, epoch * steps_per_epoch + start)
+            state, (losses, accuracies) = train_chunk(
+                state, batches, start, n, train_x, train_y, key
             )
-            losses.extend(np.asarray(chunk_losses[:n]).tolist())
-            accuracies.extend(np.asarray(chunk_accuracies[:n]).tolist())
-            step_seconds += time.perf_counter() - t0
-            step = end
-            bar.update(n * config.batch_size)
-            bar.set_postfix(loss=f"{np.mean(losses[-n:]):.4f}")
-            if (
-                config.eval_every
-                and step % config.eval_every == 0
-                and end < first + steps_per_epoch
-            ):
-                r = record(losses, accuracies)
-                losses, accuracies = [], []
-                bar.write(f"  step {step}: test accuracy {r['test_accuracy']:.2%}")
-        epoch += 1
-        r = record(losses, accuracies)
-        bar.set_postfix(loss=f"{r['train_loss']:.4f}", test_acc=f"{r['test_accuracy']:.2%}")
-        bar.close()
-        checkpoints.save(
-            step,
-            state,
-            {
-                "epoch": epoch,
-                "step": step,
-                "seconds": r["seconds"],
-                "step_seconds": step_seconds,
-                "config": dataclasses.asdict(config),
-            },
-        )
+            return state, {"loss": losses, "accuracy": accuracies}
+
+        return run
+
+    def test_metrics(state) -> dict:
+        loss_sum, correct = evaluate(state[0], test_x, test_y)
+        return {"test_loss": float(loss_sum) / n_test, "test_accuracy": int(correct) / n_test}
+
+    state, at = common.train_epochs(
+        config,
+        state,
+        at,
+        steps_per_epoch=steps_per_epoch,
+        chunk=chunk,
+        epoch_steps=epoch_steps,
+        evaluate=test_metrics,
+        workdir=workdir,
+        checkpoints=checkpoints,
+        unit="review",
+    )
 
     records = workdir.metrics.records()
-    last = records[-1]
-    summary = {
-        "test_accuracy": last["test_accuracy"],
-        "test_loss": last["test_loss"],
-        "train_accuracy": last["train_accuracy"],
-        "epochs": config.epochs,
-        "steps": step,
-        "train_seconds": last["seconds"],
-        "examples_per_second": round(step * config.batch_size / max(step_seconds, 1e-9), 1),
-        "vocab_size": tokenizer.get_vocab_size(),
-        "num_params": common.num_params(state[0]),
-        "device": common.device_name(),
-        "config": dataclasses.asdict(config),
-    }
+    summary = common.epoch_summary(config, at, records, state[0])
+    summary |= {"train_accuracy": records[-1]["train_accuracy"],
+                "vocab_size": tokenizer.get_vocab_size()}  # fmt: skip
     common.write_json(workdir / common.SUMMARY, summary)
     common.plot_curves(
         workdir / "curves.png",
@@ -544,8 +442,8 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         title=f"{config.dataset}: bidirectional lstm {config.hidden_size}, {config.pool} pooling",
     )
     print(
-        f"test accuracy {last['test_accuracy']:.2%} after {config.epochs} epochs, "
-        f"{last['seconds']:.0f} s of training; wrote {workdir.path}"
+        f"test accuracy {summary['test_accuracy']:.2%} after {config.epochs} epochs, "
+        f"{summary['train_seconds']:.0f} s of training; wrote {workdir.path}"
     )
     return summary
 

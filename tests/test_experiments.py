@@ -14,6 +14,13 @@ tfds = pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("optax")
 pytest.importorskip("orbax.checkpoint")
 
+from helpers import (  # noqa: E402
+    assert_png,
+    interrupt_after_first_checkpoint,
+    read_metrics,
+    without_seconds,
+)
+
 from experiments import common, mnist, regression  # noqa: E402
 
 TINY_MNIST = ["--hidden-size", "8", "--epochs", "2", "--batch-size", "16", "--eval-every", "3"]
@@ -30,32 +37,6 @@ def run_mnist(workdir, *flags, num_examples=64):
 def run_regression(workdir, *flags):
     argv = [*TINY_REGRESSION, "--workdir", str(workdir), *flags]
     return common.main(regression.train, regression.Config, argv)
-
-
-def read_metrics(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_seconds(records):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-
-
-def assert_png(path):
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
-    image = common.pyplot().imread(path)
-    assert image.ndim == 3 and min(image.shape[:2]) > 100
-
-
-def interrupt_after_first_checkpoint(monkeypatch):
-    """Makes the next run die (as if by Ctrl-C) right after it saved its first checkpoint."""
-    save = common.Checkpoints.save
-
-    def save_then_interrupt(self, *args, **kwargs):
-        save(self, *args, **kwargs)
-        monkeypatch.setattr(common.Checkpoints, "save", save)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(common.Checkpoints, "save", save_then_interrupt)
 
 
 def test_mnist_writes_every_output(tmp_path):

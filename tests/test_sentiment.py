@@ -20,7 +20,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("optax")
 pytest.importorskip("orbax.checkpoint")
 
-from test_experiments import (  # noqa: E402
+from helpers import (  # noqa: E402
     assert_png,
     interrupt_after_first_checkpoint,
     read_metrics,
