@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -150,14 +152,17 @@ def quiet_libraries() -> None:
 class Workdir:
     """The run's directory: ``metrics.jsonl``, ``summary.json``, plots and ``checkpoints/``.
 
-    ``restart=True`` deletes a previous run's metrics, summary and checkpoints first.
+    ``restart=True`` deletes a previous run's metrics, summary and checkpoints first. In a
+    multi-process run every process opens the same directory (a file system they share) and saves
+    checkpoints there; only the first (``primary``) writes the other files.
     """
 
     def __init__(self, path: str | os.PathLike, *, restart: bool = False):
         self.path = Path(path).expanduser()
+        self.primary = jax.process_index() == 0
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
+            probe = self.path / f".write-test-{jax.process_index()}"
             probe.write_text("")
             probe.unlink()
         except OSError as e:
@@ -166,11 +171,12 @@ class Workdir:
                 f"cannot write to the work dir {str(path)!r} ({reason}); "
                 "pass a directory you can write to with --workdir"
             ) from None
-        if restart:
+        if restart and self.primary:
             shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
             for name in (METRICS, SUMMARY):
                 (self.path / name).unlink(missing_ok=True)
-        self.metrics = MetricsLog(self.path / METRICS)
+        sync_processes("workdir")  # the others look for checkpoints once they are gone
+        self.metrics = MetricsLog(self.path / METRICS, write=self.primary)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -187,10 +193,12 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per evaluation, appended and flushed as it happens."""
+    """``metrics.jsonl``: one JSON object per evaluation, appended and flushed as it happens
+    (``write=False``: changes nothing, for the other processes of a multi-process run)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, write: bool = True):
         self.path = path
+        self.write = write
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -200,10 +208,13 @@ class MetricsLog:
     def keep_until(self, step: int) -> list[dict]:
         """Drops records written after ``step`` (by a run killed after its last checkpoint)."""
         kept = [r for r in self.records() if r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.write:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     def append(self, record: dict) -> None:
+        if not self.write:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -287,6 +298,127 @@ def saved_meta(checkpoints: Checkpoints, config: Any, *, free: Sequence[str] = (
     return meta
 
 
+# --------------------------------------------------------------------------------------- devices
+
+DATA = "data"  # the mesh axis that the batch is split along
+
+
+def start_distributed(requested: bool = False) -> None:
+    """Joins the other processes of a multi-process run (several hosts, or one process per GPU).
+
+    Runs ``jax.distributed.initialize()`` with ``requested`` (``--distributed``: the cluster says
+    who is who, on Cloud TPU, SLURM, Open MPI or Kubernetes) or when ``JAX_COORDINATOR_ADDRESS``
+    is set, then with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` where no cluster says them.
+    Must come before anything touches a device; does nothing otherwise, or a second time.
+    """
+    env = os.environ
+    if jax.distributed.is_initialized() or not (requested or "JAX_COORDINATOR_ADDRESS" in env):
+        return
+    kwargs = {}
+    for arg, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if name in env:
+            try:
+                kwargs[arg] = int(env[name])
+            except ValueError:
+                raise ExperimentError(f"{name} must be an integer, not {env[name]!r}") from None
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExperimentError(
+            f"jax.distributed.initialize() failed ({reason}); launch one process per host with "
+            "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID set, or "
+            "--distributed under SLURM, Open MPI or on a Cloud TPU pod"
+        ) from None
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process of a multi-process run has got here (nothing with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def data_mesh(devices: int = 0) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over ``devices`` devices (0: every device of every process).
+
+    In a multi-process run each process gives ``devices / process_count`` of its own devices.
+    """
+    available = jax.devices()
+    n = devices or len(available)
+    kind = available[0].platform
+    if n > len(available):
+        raise ExperimentError(
+            f"--devices {n}, but only {len(available)} {kind} devices are visible"
+        )
+    processes = jax.process_count()
+    if n % processes:
+        raise ExperimentError(
+            f"--devices {n} does not split evenly over the {processes} processes of this run"
+        )
+    chosen = [
+        device
+        for process in range(processes)
+        for device in [d for d in available if d.process_index == process][: n // processes]
+    ]
+    return Mesh(np.array(chosen), (DATA,))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    if batch_size % mesh.size:
+        raise ExperimentError(
+            f"--batch-size {batch_size} does not split evenly over {mesh.size} devices; pass a "
+            f"multiple of {mesh.size}, or --devices N with N dividing {batch_size}"
+        )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds all of it (parameters, optimizer state, metrics)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """For ``(steps, batch, ...)`` arrays: each device holds its slice of every batch."""
+    return NamedSharding(mesh, PartitionSpec(None, DATA))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` (the same on every process) on every device of ``mesh``."""
+    sharding = replicated(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
+def shard_batches(mesh: Mesh, indices: np.ndarray, *arrays: np.ndarray) -> list[jax.Array]:
+    """``array[indices]`` of each host array, ``(steps, batch, ...)``, the batch split over the
+    devices of ``mesh``: each process reads only the examples its own devices hold.
+
+    ``indices`` is ``(steps, batch)``, the example indices of each step's batch.
+    """
+    sharding = batch_sharded(mesh)
+
+    def gather(array: np.ndarray) -> jax.Array:
+        shape = indices.shape + array.shape[1:]
+        return jax.make_array_from_callback(
+            shape, sharding, lambda index: array[indices[index[:2]]]
+        )
+
+    return [gather(array) for array in arrays]
+
+
+def eval_batches(mesh: Mesh, batch: int, x: np.ndarray, labels: np.ndarray) -> list[jax.Array]:
+    """A test set as ``(batches, batch, ...)`` device arrays, the batch split over ``mesh``
+    (``batch`` rounded up to a multiple of its size); padded examples carry label -1."""
+    batch = -(-batch // mesh.size) * mesh.size
+    x, labels = pad_to_batches(x, labels, batch)
+    return shard_batches(mesh, np.arange(len(labels)).reshape(-1, batch), x, labels)
+
+
 # ------------------------------------------------------------------------------------------ data
 
 
@@ -351,13 +483,10 @@ def pad_to_batches(x: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.nda
     return x, np.concatenate([labels, np.full(pad, -1, labels.dtype)])
 
 
-def epoch_batches(
-    key: jax.Array, epoch: int, n: int, steps: int, batch_size: int, pad: int
-) -> jax.Array:
-    """An epoch's shuffled example indices, ``(steps + pad, batch_size)`` (the last ``pad`` rows
-    are zeros), made on the device."""
-    order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-    return jnp.pad(order[: steps * batch_size].reshape(steps, batch_size), ((0, pad), (0, 0)))
+def epoch_batches(key: jax.Array, epoch: int, n: int, steps: int, batch_size: int) -> np.ndarray:
+    """An epoch's shuffled example indices, ``(steps, batch_size)``; the same on every process."""
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
+    return order[: steps * batch_size].reshape(steps, batch_size)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -429,9 +558,9 @@ def train_epochs(
 
     ``epoch_steps(epoch)`` prepares an epoch (shuffles it) and returns ``run(state, start, n) ->
     (state, metrics)``, which takes the epoch's steps ``start .. start + n - 1`` (``n <= chunk``);
-    ``metrics`` maps names to per-step arrays (at least ``n`` long; ``"loss"`` is required), logged
-    as ``train_<name>``, the mean since the last evaluation. ``evaluate(state)`` returns the test
-    metrics of a log record (``"test_accuracy"`` is required).
+    ``metrics`` maps names to per-step arrays (at least ``n`` long, replicated; ``"loss"`` is
+    required), logged as ``train_<name>``, the mean since the last evaluation. ``evaluate(state)``
+    returns the test metrics of a log record (``"test_accuracy"`` is required).
     """
     started, seconds = time.perf_counter(), at.seconds
     epoch, step, step_seconds = at.epoch, at.step, at.step_seconds
@@ -479,7 +608,64 @@ def train_epochs(
     return state, at
 
 
-def epoch_summary(config: Any, at: Position, records: list[dict], params: Any) -> dict:
+def jit_chunk(step: Callable, chunk: int, mesh: Mesh) -> Callable:
+    """Jits ``step(state, batch, key) -> (state, metrics)`` into ``train_chunk(state, start, n,
+    epoch, key) -> (state, metrics)``, data-parallel over ``mesh``.
+
+    ``train_chunk`` takes the ``n <= chunk`` steps ``start .. start + n - 1`` of an epoch:
+    ``epoch`` is a tuple of ``(steps, batch, ...)`` arrays with the batch split over the devices
+    (:func:`shard_batches`); step ``i`` of the chunk gets ``batch = tuple(a[start + i] for a in
+    epoch)`` and ``fold_in(key, i)`` (None where ``key`` is None). The scan always has ``chunk``
+    iterations, those past ``n`` do nothing (metrics 0), so one compilation serves every chunk.
+    State and metrics are replicated: each device computes the gradient of its share of the batch
+    and XLA sums them across devices, so every device takes the same step. The state is donated.
+    """
+    rep, data = replicated(mesh), batch_sharded(mesh)
+
+    @functools.partial(
+        jax.jit, donate_argnums=0, in_shardings=(rep, rep, rep, data, rep), out_shardings=rep
+    )
+    def train_chunk(state, start, n, epoch, key):
+        last = epoch[0].shape[0] - 1
+
+        def body(state, i):
+            batch = tuple(a[jnp.minimum(start + i, last)] for a in epoch)
+            step_key = None if key is None else jax.random.fold_in(key, i)
+            metrics = jax.eval_shape(step, state, batch, step_key)[1]
+            zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
+            return jax.lax.cond(
+                i < n, lambda s: step(s, batch, step_key), lambda s: (s, zeros), state
+            )
+
+        return jax.lax.scan(body, state, jnp.arange(chunk))
+
+    return train_chunk
+
+
+def jit_evaluate(logits_fn: Callable, mesh: Mesh) -> Callable:
+    """Jits ``logits_fn(params, x) -> (N, classes)`` into ``evaluate(params, x, labels) ->
+    (loss_sum, correct, predictions)`` over a test set of ``(batches, batch, ...)`` arrays with
+    the batch split over ``mesh`` (:func:`eval_batches`); examples labelled -1 count for nothing.
+    """
+    rep, data = replicated(mesh), batch_sharded(mesh)
+
+    @functools.partial(jax.jit, in_shardings=(rep, data, data), out_shardings=rep)
+    def evaluate(params, x, labels):
+        def batch(args):
+            x, y = args
+            logits = logits_fn(params, x)
+            valid = y >= 0
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
+            pred = jnp.argmax(logits, axis=-1)
+            return jnp.sum(loss * valid), jnp.sum((pred == y) & valid), pred
+
+        loss, correct, pred = jax.lax.map(batch, (x, labels))
+        return loss.sum(), correct.sum(), pred.reshape(-1)
+
+    return evaluate
+
+
+def epoch_summary(config: Any, at: Position, records: list[dict], params: Any, mesh: Mesh) -> dict:
     """``summary.json`` of an epoch-based run whose log ends with ``test_accuracy``/``test_loss``."""
     last = records[-1]
     return {
@@ -490,7 +676,8 @@ def epoch_summary(config: Any, at: Position, records: list[dict], params: Any) -
         "train_seconds": last["seconds"],
         "examples_per_second": round(at.step * config.batch_size / max(at.step_seconds, 1e-9), 1),
         "num_params": num_params(params),
-        "device": device_name(),
+        "device": device_name(mesh),
+        "processes": jax.process_count(),
         "config": dataclasses.asdict(config),
     }
 
@@ -511,10 +698,12 @@ def num_params(params: Any) -> int:
 
 
 def progress(total: int, *, desc: str, unit: str, initial: int = 0, unit_scale: bool = False):
-    """A tqdm bar (on stderr) for ``total`` units; ``unit_scale=True`` shows 12.3k ex/s."""
+    """A tqdm bar (on stderr) for ``total`` units; ``unit_scale=True`` shows 12.3k ex/s. Only the
+    first process of a multi-process run shows it."""
     from tqdm.auto import tqdm
 
     return tqdm(
+        disable=jax.process_index() > 0,
         total=total,
         initial=initial,
         desc=desc,
@@ -525,9 +714,11 @@ def progress(total: int, *, desc: str, unit: str, initial: int = 0, unit_scale: 
     )
 
 
-def device_name() -> str:
-    device = jax.devices()[0]
-    return f"{device.platform}:{device.device_kind}"
+def device_name(mesh: Mesh | None = None) -> str:
+    """``"cpu:cpu"``, or ``"8 x gpu:NVIDIA H100"`` for a mesh of several devices."""
+    devices = mesh.devices.ravel() if mesh is not None else jax.devices()[:1]
+    name = f"{devices[0].platform}:{devices[0].device_kind}"
+    return f"{len(devices)} x {name}" if len(devices) > 1 else name
 
 
 # ---------------------------------------------------------------------------------------- plots

@@ -3,13 +3,19 @@
     make train-mnist                                  # defaults below; writes runs/mnist/
     make train-mnist ARGS="--hidden-size 64 --epochs 1 --batch-size 64 --lr 0.01"   # the tutorial's
     python -m experiments.mnist --dataset fashion_mnist --data-dir ../shared/tensorflow_datasets
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 make train-mnist   # 8 CPU devices
 
 The model is ``jlstm.lstm`` (``batch_first``) and a linear layer on the last hidden state
 ``h_n[-1]``; softmax cross-entropy, Adam from optax. Data comes through tfds' ArrayRecord data
-source (no TensorFlow needed), lives on the device, is shuffled there each epoch, and each chunk of
-training steps is one jitted ``lax.scan``. The work dir gets ``metrics.jsonl``, ``summary.json``,
-``curves.png``, ``predictions.png`` and an orbax checkpoint per epoch; rerunning the same command
-resumes from it, ``--restart`` starts over.
+source (no TensorFlow needed). Training is data-parallel over all visible devices (``--devices
+N``), and over several hosts when launched with ``jax.distributed`` (``--distributed``, or
+``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``): each epoch is
+shuffled, and each device receives its share of every batch of the epoch at once; parameters and
+optimizer state are replicated, and each chunk of training steps is one jitted ``lax.scan`` in
+which XLA sums the devices' gradients. The results do not depend on the number of devices (up to
+float rounding). The work dir gets ``metrics.jsonl``, ``summary.json``, ``curves.png``,
+``predictions.png`` and an orbax checkpoint per epoch; rerunning the same command resumes from
+it (on any number of devices), ``--restart`` starts over.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from experiments import common, models
 from experiments.common import ExperimentError, option
@@ -56,10 +63,14 @@ class Config:
                        type=common.nonnegative_int)  # fmt: skip
     workdir: str = option("runs/mnist", "directory for metrics, plots and checkpoints")
     restart: bool = option(False, "delete the work dir's checkpoint and metrics, start over")
+    devices: int = option(0, "devices to split each batch over, data-parallel (0: all visible)",
+                          type=common.nonnegative_int)  # fmt: skip
+    distributed: bool = option(False, "join a multi-host run: jax.distributed.initialize() "
+                               "(also done when JAX_COORDINATOR_ADDRESS is set)")  # fmt: skip
 
 
 # Flags that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart")
+RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart", "devices", "distributed")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -117,8 +128,9 @@ def init_params(config: Config) -> dict:
 
 
 @functools.cache
-def compiled(config: Config, total_steps: int, chunk: int):
-    """``(tx, train_chunk, evaluate)`` for the model and optimizer that ``config`` describes.
+def compiled(config: Config, total_steps: int, chunk: int, mesh: Mesh):
+    """``(tx, train_chunk, evaluate)`` for the model and optimizer that ``config`` describes,
+    data-parallel over ``mesh`` (see :func:`common.jit_chunk` and :func:`common.jit_evaluate`).
 
     Cached, so that runs in one process (tests, a notebook) compile each model once; call it with
     ``dataclasses.replace(config, **UNCOMPILED)`` so that fields the functions ignore do not count.
@@ -126,71 +138,29 @@ def compiled(config: Config, total_steps: int, chunk: int):
     tx = common.optimizer(
         config.lr, total_steps, schedule=config.schedule, grad_clip=config.grad_clip
     )
-    return tx, make_train_chunk(config, tx, chunk), make_evaluate(config)
+    evaluate = common.jit_evaluate(lambda params, x: logits_fn(config, params, x), mesh)
+    return tx, common.jit_chunk(make_step(config, tx), chunk, mesh), evaluate
 
 
 # Fields that the compiled functions do not depend on.
 UNCOMPILED = {"dataset": "", "data_dir": None, "eval_every": 0, "seed": 0, "workdir": "",
-              "restart": False}  # fmt: skip
+              "restart": False, "devices": 0, "distributed": False}  # fmt: skip
 
 
-def make_train_chunk(config: Config, tx: optax.GradientTransformation, chunk: int):
-    """A jitted ``(state, batches, start, n, images, labels) -> (state, losses)``.
-
-    Runs the ``n <= chunk`` training steps whose example indices are ``batches[start:start + n]``
-    (``batches`` is an epoch's ``(steps, batch_size)`` indices into the on-device training set,
-    padded by ``chunk`` rows); the scan always has ``chunk`` iterations, those past ``n`` do
-    nothing, so one compilation serves every chunk.
-    """
+def make_step(config: Config, tx: optax.GradientTransformation):
+    """``step(state, (images, labels), key) -> (state, loss)``: one Adam step on a batch."""
 
     def loss_fn(params, images, labels):
         logits = logits_fn(config, params, images)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    def step(state, images, labels):
+    def step(state, batch, key):
         params, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
+        loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_chunk(state, batches, start, n, images, labels):
-        def body(state, i_batch):
-            i, batch = i_batch
-            return jax.lax.cond(
-                i < n,
-                lambda s: step(s, images[batch], labels[batch]),
-                lambda s: (s, jnp.zeros((), jnp.float32)),
-                state,
-            )
-
-        chunk_batches = jax.lax.dynamic_slice_in_dim(batches, start, chunk)
-        return jax.lax.scan(body, state, (jnp.arange(chunk), chunk_batches))
-
-    return train_chunk
-
-
-def make_evaluate(config: Config):
-    """A jitted ``(params, images, labels) -> (loss_sum, correct, predictions)`` over a test set
-    padded to whole ``EVAL_BATCH``es; padded examples carry label -1 and count for nothing."""
-
-    @jax.jit
-    def evaluate(params, images, labels):
-        def batch(args):
-            x, y = args
-            logits = logits_fn(config, params, x)
-            valid = y >= 0
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
-            pred = jnp.argmax(logits, axis=-1)
-            return jnp.sum(loss * valid), jnp.sum((pred == y) & valid), pred
-
-        shape = (-1, EVAL_BATCH)
-        loss, correct, pred = jax.lax.map(
-            batch, (images.reshape(shape + images.shape[1:]), labels.reshape(shape))
-        )
-        return loss.sum(), correct.sum(), pred.reshape(-1)
-
-    return evaluate
+    return step
 
 
 # -------------------------------------------------------------------------------------- training
@@ -198,11 +168,13 @@ def make_evaluate(config: Config):
 
 def train(config: Config) -> dict:
     """Trains (or resumes) as ``config`` says, writes the work dir, returns the summary."""
+    common.start_distributed(config.distributed)
     return common.run_in_workdir(config, _train)
 
 
 def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoints) -> dict:
     meta = common.saved_meta(checkpoints, config, free=RESUMABLE_CHANGES)
+    mesh = common.data_mesh(config.devices)
     train_x, train_y, _ = load(config.dataset, "train", config.data_dir)
     test_x, test_y, label_names = load(config.dataset, "test", config.data_dir)
     n_train, n_test = len(train_y), len(test_y)
@@ -210,31 +182,31 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         raise ExperimentError(
             f"--batch-size {config.batch_size} is larger than the {n_train} training examples"
         )
+    common.check_batch_size(config.batch_size, mesh)
     steps_per_epoch = n_train // config.batch_size
-    train_x, train_y = jax.device_put(train_x), jax.device_put(train_y)
-    test_x, test_y = map(jax.device_put, common.pad_to_batches(test_x, test_y, EVAL_BATCH))
+    test_data = common.eval_batches(mesh, EVAL_BATCH, test_x, test_y)
 
     chunk = common.chunk_length(steps_per_epoch, config.eval_every)
     tx, train_chunk, evaluate = compiled(
-        dataclasses.replace(config, **UNCOMPILED), config.epochs * steps_per_epoch, chunk
+        dataclasses.replace(config, **UNCOMPILED), config.epochs * steps_per_epoch, chunk, mesh
     )
     params = init_params(config)
-    state, at = common.resume(checkpoints, workdir, (params, tx.init(params)), meta, config.epochs)
+    state = common.replicate((params, tx.init(params)), mesh)
+    state, at = common.resume(checkpoints, workdir, state, meta, config.epochs)
     print(
         f"{config.dataset}: {n_train} train / {n_test} test images; {config.cell} "
         f"{config.hidden_size}x{config.num_layers}, {common.num_params(params)} parameters; "
-        f"{config.epochs} epochs of {steps_per_epoch} steps on {common.device_name()}"
+        f"{config.epochs} epochs of {steps_per_epoch} steps on {common.device_name(mesh)}"
     )
 
     data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
     def epoch_steps(epoch: int):
-        batches = common.epoch_batches(
-            data_key, epoch, n_train, steps_per_epoch, config.batch_size, pad=chunk
-        )
+        order = common.epoch_batches(data_key, epoch, n_train, steps_per_epoch, config.batch_size)
+        data = tuple(common.shard_batches(mesh, order, train_x, train_y))
 
         def run(state, start: int, n: int):
-            state, losses = train_chunk(state, batches, start, n, train_x, train_y)
+            state, losses = train_chunk(state, start, n, data, None)
             return state, {"loss": losses}
 
         return run
@@ -243,7 +215,7 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
 
     def test_metrics(state) -> dict:
         nonlocal predictions
-        loss_sum, correct, predictions = evaluate(state[0], test_x, test_y)
+        loss_sum, correct, predictions = evaluate(state[0], *test_data)
         return {"test_loss": float(loss_sum) / n_test, "test_accuracy": int(correct) / n_test}
 
     state, at = common.train_epochs(
@@ -258,11 +230,13 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         checkpoints=checkpoints,
         unit="ex",
     )
+    if predictions is None:  # a finished run, rerun: nothing was trained or evaluated
+        _, _, predictions = evaluate(state[0], *test_data)
+    if not workdir.primary:
+        return {}
 
     records = workdir.metrics.records()
-    if predictions is None:  # a finished run, rerun: nothing was trained or evaluated
-        _, _, predictions = evaluate(state[0], test_x, test_y)
-    summary = common.epoch_summary(config, at, records, state[0])
+    summary = common.epoch_summary(config, at, records, state[0], mesh)
     common.write_json(workdir / common.SUMMARY, summary)
     common.plot_curves(
         workdir / "curves.png",
@@ -276,9 +250,9 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
     accuracy = summary["test_accuracy"]
     plot_predictions(
         workdir / "predictions.png",
-        np.asarray(test_x[:SHOWN]),
-        np.asarray(test_y[:SHOWN]),
-        np.asarray(predictions[:SHOWN]),
+        test_x[:SHOWN],
+        test_y[:SHOWN],
+        np.asarray(predictions)[:SHOWN],
         label_names,
         title=f"{config.dataset} test images: predicted / true "
         f"(accuracy {accuracy:.2%} on all {n_test})",

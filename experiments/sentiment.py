@@ -19,11 +19,12 @@ over the review's tokens; ``--pool last`` joins the two final states ``[h_n fwd,
 ``--pool mean`` averages the outputs. Max pooling is the default because an LSTM's final state
 alone, trained from scratch on reviews of hundreds of tokens, is the weaker classifier in the
 literature (Dai & Le 2015; Johnson & Zhang 2016). Softmax cross-entropy, Adam (optax) with a
-cosine schedule and gradient clipping. Data lives on the device and each chunk of training steps
-is one jitted ``lax.scan``, as in ``experiments/mnist.py``. The work dir gets ``metrics.jsonl``,
-``summary.json``, ``curves.png``, ``tokenizer.json`` and an orbax checkpoint per epoch; rerunning
-the same command resumes, ``--restart`` starts over. ``train_accuracy`` in the metrics is the
-running mean over the steps since the last evaluation (with dropout, weights still changing).
+cosine schedule and gradient clipping. Data-parallel over the visible devices (``--devices N``),
+each epoch on the devices at once and each chunk of training steps one jitted ``lax.scan``, as in
+``experiments/mnist.py``. The work dir gets ``metrics.jsonl``, ``summary.json``, ``curves.png``,
+``tokenizer.json`` and an orbax checkpoint per epoch; rerunning the same command resumes,
+``--restart`` starts over. ``train_accuracy`` in the metrics is the running mean over the steps
+since the last evaluation (with dropout, weights still changing).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 import jlstm
 from experiments import common, models
@@ -89,10 +91,14 @@ class Config:
                        type=common.nonnegative_int)  # fmt: skip
     workdir: str = option("runs/sentiment", "directory for metrics, plots and checkpoints")
     restart: bool = option(False, "delete the work dir's checkpoint and metrics, start over")
+    devices: int = option(0, "devices to split each batch over, data-parallel (0: all visible)",
+                          type=common.nonnegative_int)  # fmt: skip
+    distributed: bool = option(False, "join a multi-host run: jax.distributed.initialize() "
+                               "(also done when JAX_COORDINATOR_ADDRESS is set)")  # fmt: skip
 
 
 # Flags that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart")
+RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart", "devices", "distributed")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -268,8 +274,9 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 @functools.cache
-def compiled(config: Config, total_steps: int, chunk: int):
-    """``(tx, train_chunk, evaluate)`` for the model and optimizer that ``config`` describes.
+def compiled(config: Config, total_steps: int, chunk: int, mesh: Mesh):
+    """``(tx, train_chunk, evaluate)`` for the model and optimizer that ``config`` describes,
+    data-parallel over ``mesh`` (see :func:`common.jit_chunk` and :func:`common.jit_evaluate`).
 
     Cached, so that runs in one process (tests, a notebook) compile each model once; call it with
     ``dataclasses.replace(config, **UNCOMPILED)`` so that fields the functions ignore do not count.
@@ -277,80 +284,43 @@ def compiled(config: Config, total_steps: int, chunk: int):
     tx = common.optimizer(
         config.lr, total_steps, schedule=config.schedule, grad_clip=config.grad_clip
     )
-    return tx, make_train_chunk(config, tx, chunk), make_evaluate(config)
+    evaluate = common.jit_evaluate(lambda params, x: logits_fn(config, params, x), mesh)
+    return tx, common.jit_chunk(make_step(config, tx), chunk, mesh), evaluate
 
 
 # Fields that the compiled functions do not depend on.
 UNCOMPILED = {"dataset": "", "data_dir": None, "vocab_size": 0, "max_len": 0, "eval_every": 0,
-              "seed": 0, "workdir": "", "restart": False}  # fmt: skip
+              "seed": 0, "workdir": "", "restart": False, "devices": 0,
+              "distributed": False}  # fmt: skip
 
 
-def make_train_chunk(config: Config, tx: optax.GradientTransformation, chunk: int):
-    """A jitted ``(state, batches, start, n, tokens, labels, key) -> (state, (losses, accs))``.
-
-    Runs the ``n <= chunk`` training steps whose review indices are ``batches[start:start + n]``
-    (an epoch's ``(steps, batch_size)`` indices into the on-device training set, padded by
-    ``chunk`` rows); step ``i`` of the chunk draws its dropout from ``fold_in(key, i)``. The scan
-    always has ``chunk`` iterations, those past ``n`` do nothing, so one compilation serves all.
-    """
+def make_step(config: Config, tx: optax.GradientTransformation):
+    """``step(state, (tokens, labels), key) -> (state, (loss, accuracy))``: one Adam step on a
+    batch, with dropout drawn from ``key``."""
 
     def loss_fn(params, tokens, labels, key):
         logits = logits_fn(config, params, tokens, key)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, jnp.mean(jnp.argmax(logits, axis=-1) == labels)
 
-    def step(state, tokens, labels, key):
+    def step(state, batch, key):
         params, opt_state = state
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, tokens, labels, key
-        )
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch, key)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), (loss, accuracy)
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_chunk(state, batches, start, n, tokens, labels, key):
-        def body(state, i_batch):
-            i, batch = i_batch
-            zero = jnp.zeros((), jnp.float32)
-            return jax.lax.cond(
-                i < n,
-                lambda s: step(s, tokens[batch], labels[batch], jax.random.fold_in(key, i)),
-                lambda s: (s, (zero, zero)),
-                state,
-            )
-
-        chunk_batches = jax.lax.dynamic_slice_in_dim(batches, start, chunk)
-        return jax.lax.scan(body, state, (jnp.arange(chunk), chunk_batches))
-
-    return train_chunk
-
-
-def make_evaluate(config: Config):
-    """A jitted ``(params, tokens, labels) -> (loss_sum, correct)`` over a test set padded to
-    whole batches (``tokens`` is ``(batches, batch, L)``); padded reviews carry label -1."""
-
-    @jax.jit
-    def evaluate(params, tokens, labels):
-        def batch(args):
-            x, y = args
-            logits = logits_fn(config, params, x)
-            valid = y >= 0
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
-            return jnp.sum(loss * valid), jnp.sum((jnp.argmax(logits, axis=-1) == y) & valid)
-
-        loss, correct = jax.lax.map(batch, (tokens, labels))
-        return loss.sum(), correct.sum()
-
-    return evaluate
+    return step
 
 
 def train(config: Config) -> dict:
     """Trains (or resumes) as ``config`` says, writes the work dir, returns the summary."""
+    common.start_distributed(config.distributed)
     return common.run_in_workdir(config, _train)
 
 
 def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoints) -> dict:
     meta = common.saved_meta(checkpoints, config, free=RESUMABLE_CHANGES)
+    mesh = common.data_mesh(config.devices)
     train_texts, train_y = load(config.dataset, "train", config.data_dir)
     test_texts, test_y = load(config.dataset, "test", config.data_dir)
     n_train, n_test = len(train_y), len(test_y)
@@ -358,10 +328,12 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         raise ExperimentError(
             f"--batch-size {config.batch_size} is larger than the {n_train} training reviews"
         )
+    common.check_batch_size(config.batch_size, mesh)
     tokenizer_path = workdir / TOKENIZER
     if meta is None:  # a new run learns its vocabulary; a resumed one reads it back
         tokenizer = train_tokenizer(train_texts, config.vocab_size)
-        tokenizer.save(str(tokenizer_path))
+        if workdir.primary:  # the others learnt the same one
+            tokenizer.save(str(tokenizer_path))
     elif tokenizer_path.exists():
         tokenizer = load_tokenizer(tokenizer_path)
     else:
@@ -372,45 +344,39 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
     test_x, _ = encode(tokenizer, test_texts, config.max_len)
 
     steps_per_epoch = n_train // config.batch_size
-    eval_batch = min(EVAL_BATCH, n_test)
-    test_x, test_y = common.pad_to_batches(test_x, test_y, eval_batch)
-    test_x = jax.device_put(test_x.reshape(-1, eval_batch, config.max_len))
-    test_y = jax.device_put(test_y.reshape(-1, eval_batch))
-    train_x, train_y = jax.device_put(train_x), jax.device_put(train_y)
+    test_data = common.eval_batches(mesh, min(EVAL_BATCH, n_test), test_x, test_y)
 
     chunk = common.chunk_length(steps_per_epoch, config.eval_every)
     tx, train_chunk, evaluate = compiled(
-        dataclasses.replace(config, **UNCOMPILED), config.epochs * steps_per_epoch, chunk
+        dataclasses.replace(config, **UNCOMPILED), config.epochs * steps_per_epoch, chunk, mesh
     )
     params = init_params(config, tokenizer.get_vocab_size())
-    state, at = common.resume(checkpoints, workdir, (params, tx.init(params)), meta, config.epochs)
+    state = common.replicate((params, tx.init(params)), mesh)
+    state, at = common.resume(checkpoints, workdir, state, meta, config.epochs)
     print(
         f"{config.dataset}: {n_train} train / {n_test} test reviews; vocabulary of "
         f"{tokenizer.get_vocab_size()} tokens; median review {np.median(lengths):.0f} "
         f"tokens, {np.mean(lengths > config.max_len):.0%} cut to --max-len {config.max_len}; "
         f"bidirectional lstm {config.hidden_size}x{config.num_layers}, {config.pool} pooling, "
         f"{common.num_params(params)} parameters; {config.epochs} epochs of {steps_per_epoch} "
-        f"steps on {common.device_name()}"
+        f"steps on {common.device_name(mesh)}"
     )
 
     data_key, dropout_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
 
     def epoch_steps(epoch: int):
-        batches = common.epoch_batches(
-            data_key, epoch, n_train, steps_per_epoch, config.batch_size, pad=chunk
-        )
+        order = common.epoch_batches(data_key, epoch, n_train, steps_per_epoch, config.batch_size)
+        data = tuple(common.shard_batches(mesh, order, train_x, train_y))
 
         def run(state, start: int, n: int):
             key = jax.random.fold_in(dropout_key, epoch * steps_per_epoch + start)
-            state, (losses, accuracies) = train_chunk(
-                state, batches, start, n, train_x, train_y, key
-            )
+            state, (losses, accuracies) = train_chunk(state, start, n, data, key)
             return state, {"loss": losses, "accuracy": accuracies}
 
         return run
 
     def test_metrics(state) -> dict:
-        loss_sum, correct = evaluate(state[0], test_x, test_y)
+        loss_sum, correct, _ = evaluate(state[0], *test_data)
         return {"test_loss": float(loss_sum) / n_test, "test_accuracy": int(correct) / n_test}
 
     state, at = common.train_epochs(
@@ -426,8 +392,10 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         unit="review",
     )
 
+    if not workdir.primary:
+        return {}
     records = workdir.metrics.records()
-    summary = common.epoch_summary(config, at, records, state[0])
+    summary = common.epoch_summary(config, at, records, state[0], mesh)
     summary |= {"train_accuracy": records[-1]["train_accuracy"],
                 "vocab_size": tokenizer.get_vocab_size()}  # fmt: skip
     common.write_json(workdir / common.SUMMARY, summary)
