@@ -596,7 +596,8 @@ def train_epochs(
             if config.eval_every and step % config.eval_every == 0 and end < last:
                 r = record(train)
                 train = {}
-                bar.write(f"  step {step}: test accuracy {r['test_accuracy']:.2%}")
+                if workdir.primary:  # (a disabled bar still writes)
+                    bar.write(f"  step {step}: test accuracy {r['test_accuracy']:.2%}")
         epoch += 1
         r = record(train)
         bar.set_postfix(loss=f"{r['train_loss']:.4f}", test_acc=f"{r['test_accuracy']:.2%}")

@@ -159,3 +159,56 @@ def test_more_devices_than_visible(tmp_path, capsys):
     argv = ["--devices", "64", "--workdir", str(tmp_path)]
     assert common.main(mnist.train, mnist.Config, argv) == 1
     assert "error: --devices 64, but only 1 " in capsys.readouterr().err
+
+
+MULTIPROCESS_CHILD = r"""
+import json, sys
+import tensorflow_datasets as tfds
+from experiments import common, mnist
+with tfds.testing.mock_data(num_examples=64):
+    sys.exit(common.main(mnist.train, mnist.Config, json.loads(sys.argv[1])))
+"""
+
+
+@pytest.mark.skipif(
+    not os.environ.get("JLSTM_MULTIPROCESS"),
+    reason="two JAX processes take ~30 s; set JLSTM_MULTIPROCESS=1 to run",
+)
+def test_two_processes_of_four_devices_give_the_one_device_curve(runs, tmp_path):
+    # What a 2-host launch does, on this machine: jax.distributed over localhost, 4 CPU devices
+    # each, one shared work dir.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+        "JAX_NUM_PROCESSES": "2",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    argv = json.dumps([*FLAGS, "--workdir", str(tmp_path)])
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", MULTIPROCESS_CHILD, argv],
+            env=env | {"JAX_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [child.communicate(timeout=600) for child in children]
+    for child, (_, err) in zip(children, outputs, strict=True):
+        assert child.returncode == 0, err[-3000:]
+    assert "on 8 x cpu:cpu" in outputs[0][0]
+    workdir, _ = runs
+    two, one = metrics(tmp_path), metrics(workdir / "1")
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(
+            [r[key] for r in two], [r[key] for r in one], rtol=1e-5, err_msg=key
+        )
+    assert json.loads((tmp_path / "summary.json").read_text())["processes"] == 2
