@@ -29,8 +29,9 @@ $(VENV)/.torch: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
+# Two workers: compilation dominates and parallelises across processes.
 test: $(VENV)/.installed $(VENV)/.torch
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check jlstm experiments tests
