@@ -33,8 +33,8 @@ VARIANTS = {
 }
 
 
-def main(names, modes=("fwd", "train")):
-    torch.set_num_threads(1)
+def main(names, modes=("fwd", "train"), threads=1):
+    torch.set_num_threads(threads)
     for name in names:
         B, T, I, H = CASES[name]
         m, p, x, cot = torch_lstm(B, T, I, H)
@@ -72,11 +72,12 @@ def main(names, modes=("fwd", "train")):
                     xt.grad = None
                     m(xt)[0].backward(ct)
 
-            fns["torch 1t"] = run_torch
+            fns[f"torch {threads}t"] = run_torch
             report(f"{name} {mode} (B,T,I,H)={B, T, I, H}", round_robin(fns), "core", per=T)
 
 
 if __name__ == "__main__":
     args = sys.argv[1:] or ["long", "medium", "mnist"]
     modes = [a for a in args if a in ("fwd", "train")] or ["fwd", "train"]
-    main([a for a in args if a in CASES], modes)
+    threads = 2 if "t2" in args else 1  # t2: torch with 2 threads (run without taskset)
+    main([a for a in args if a in CASES], modes, threads)
