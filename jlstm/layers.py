@@ -121,20 +121,22 @@ def _check_impl(fn: str, kind: str, structure: P.Structure, impl, unroll) -> Non
         )
 
 
-def _direction(kind, w, x, carry, valid, reverse, nonlinearity, impl, unroll):
+def _direction(kind, w, x, carry, valid, reverse, nonlinearity, impl, unroll, hoist=None):
     """One direction of one layer over the whole sequence: ``(final carry, outputs)``.
 
     LSTM (without projection) and GRU run on :mod:`jlstm.recurrence`, whose hand-written backward
     forms the weight gradients in one matmul after the loop, unless ``impl="scan"`` asks for plain
     autodiff through ``lax.scan`` over the cell (the reference path; RNN and projected LSTM use it).
+    ``hoist`` (default: by backend) places the fused path's input projection, see there.
     """
     fused = impl != "scan" and (kind == "gru" or (kind == "lstm" and w.w_hr is None))
     if fused:
         bias, b_hn = cells.folded_biases(kind, w)
         zeros = jnp.zeros(w.w_hh.shape[:1], x.dtype)
         bias = zeros if bias is None else bias
-        # On XLA CPU the input projection runs faster inside the step (see jlstm.recurrence).
-        hoist = jax.default_backend() != "cpu"
+        if hoist is None:
+            # On XLA CPU the input projection runs faster inside the step (see jlstm.recurrence).
+            hoist = jax.default_backend() != "cpu"
         if kind == "lstm":
             ys, h, c = recurrence.lstm_recurrence(
                 w.w_ih, w.w_hh, bias, x, *carry, valid, reverse, unroll, hoist

@@ -6,24 +6,11 @@ import jax.numpy as jnp
 import pytest
 
 import jlstm
-from jlstm import cells, layers, recurrence
+from jlstm import layers
 from jlstm import params as P
 
 KEY = jax.random.key(7)
 LENGTHS = jnp.array([6, 0, 3, 1])
-
-
-def _direction(kind, w, x, carry, valid, reverse, hoist):
-    """One direction through jlstm.recurrence with ``hoist`` forced."""
-    bias, b_hn = cells.folded_biases(kind, w)
-    bias = jnp.zeros(w.w_hh.shape[:1], x.dtype) if bias is None else bias
-    if kind == "lstm":
-        ys, h, c = recurrence.lstm_recurrence(
-            w.w_ih, w.w_hh, bias, x, *carry, valid, reverse, 1, hoist
-        )
-        return ys, (h, c)
-    b_hn = jnp.zeros(w.w_hh.shape[1], x.dtype) if b_hn is None else b_hn
-    return recurrence.gru_recurrence(w.w_ih, w.w_hh, bias, b_hn, x, carry, valid, reverse, 1, hoist)
 
 
 def _reference(kind, w, x, carry, valid, reverse):
@@ -54,7 +41,10 @@ def test_fused_direction_matches_autodiff(kind, bias, reverse, masked, hoist):
         return jnp.sum(ys * weights) + sum(jnp.sum(jnp.cos(s)) for s in jax.tree.leaves(final))
 
     def fused(w, x, carry):
-        return _direction(kind, w, x, carry, valid, reverse, hoist)
+        carry, ys = layers._direction(
+            kind, w, x, carry, valid, reverse, "tanh", "fused", 1, hoist=hoist
+        )
+        return ys, carry
 
     def reference(w, x, carry):
         return _reference(kind, w, x, carry, valid, reverse)
