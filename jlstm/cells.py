@@ -132,6 +132,18 @@ def _cell_state(fn: str, name: str, s, x: jax.Array, size: int, dtype) -> jax.Ar
     return s.astype(dtype)
 
 
+def state_pair(fn: str, state, names: str, hint: str = "") -> tuple:
+    """An LSTM state as a ``(h, c)`` pair, ``None`` as ``(None, None)``; anything else raises."""
+    if state is None:
+        return None, None
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise ValueError(
+            f"{fn}: state must be a pair {names} or None, got {type(state).__name__}"
+            f"{f' of length {len(state)}' if isinstance(state, (tuple, list)) else ''}{hint}"
+        )
+    return tuple(state)
+
+
 def lstm_cell(
     params: dict, x: jax.Array, state: tuple[jax.Array, jax.Array] | None = None
 ) -> tuple[jax.Array, jax.Array]:
@@ -155,13 +167,7 @@ def lstm_cell(
     x = _cell_input("lstm_cell", w, x)
     hidden = w.w_hh.shape[1]
     dtype = jnp.result_type(x, w.w_hh)
-    if state is None:
-        state = (None, None)
-    elif not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise ValueError(
-            f"lstm_cell: state must be a pair (h, c) or None, got {type(state).__name__}"
-            f"{f' of length {len(state)}' if isinstance(state, (tuple, list)) else ''}"
-        )
+    state = state_pair("lstm_cell", state, "(h, c)")
     h = _cell_state("lstm_cell", "h", state[0], x, hidden, dtype)
     c = _cell_state("lstm_cell", "c", state[1], x, hidden, dtype)
     xw, _ = input_projection("lstm", w, x)

@@ -220,14 +220,7 @@ def _run(
     rows = structure.num_layers * structure.num_directions
     h_shape = (rows, batch, structure.output_size)
     if kind == "lstm":
-        if state is None:
-            state = (None, None)
-        elif not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise ValueError(
-                f"{fn}: state must be a pair (h0, c0) or None, got {type(state).__name__}"
-                f"{f' of length {len(state)}' if isinstance(state, (tuple, list)) else ''}; "
-                "torch's nn.LSTM takes (h_0, c_0) too"
-            )
+        state = cells.state_pair(fn, state, "(h0, c0)", "; torch's nn.LSTM takes (h_0, c_0) too")
         state = (
             _check_state(fn, "h0", state[0], h_shape, batched, dtype),
             _check_state(fn, "c0", state[1], (rows, batch, structure.hidden_size), batched, dtype),
