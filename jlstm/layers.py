@@ -121,6 +121,29 @@ def _check_impl(fn: str, kind: str, structure: P.Structure, impl, unroll) -> Non
         )
 
 
+def _varying_axes(a) -> frozenset:
+    """The ``shard_map`` mesh axes over which ``a`` varies (empty outside ``shard_map``)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _vary_like(tree, *others):
+    """``tree`` cast to vary over every ``shard_map`` axis any leaf of ``tree`` or ``others`` varies
+    over. A scan's carry must keep its type, and a ``custom_vjp``'s cotangents must match its
+    inputs; with a batch-sharded ``x`` and replicated weights or zero states, neither holds unless
+    everything is made varying first. The cast's transpose is a ``psum``, so gradients w.r.t.
+    replicated weights come out summed over the shards, as autodiff gives them. No-op outside
+    ``shard_map``."""
+    axes = frozenset().union(*map(_varying_axes, jax.tree.leaves((tree, others))))
+
+    def cast(a):
+        missing = tuple(sorted(axes - _varying_axes(a)))
+        return lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(cast, tree) if axes else tree
+
+
 def _direction(kind, w, x, carry, valid, reverse, nonlinearity, impl, unroll, hoist=None):
     """One direction of one layer over the whole sequence: ``(final carry, outputs)``.
 
@@ -138,15 +161,18 @@ def _direction(kind, w, x, carry, valid, reverse, nonlinearity, impl, unroll, ho
             # On XLA CPU the input projection runs faster inside the step (see jlstm.recurrence).
             hoist = jax.default_backend() != "cpu"
         if kind == "lstm":
+            w_ih, w_hh, bias, x, carry = _vary_like((w.w_ih, w.w_hh, bias, x, carry))
             ys, h, c = recurrence.lstm_recurrence(
-                w.w_ih, w.w_hh, bias, x, *carry, valid, reverse, unroll, hoist
+                w_ih, w_hh, bias, x, *carry, valid, reverse, unroll, hoist
             )
             return (h, c), ys
         b_hn = zeros[: w.w_hh.shape[1]] if b_hn is None else b_hn
+        w_ih, w_hh, bias, b_hn, x, carry = _vary_like((w.w_ih, w.w_hh, bias, b_hn, x, carry))
         ys, h = recurrence.gru_recurrence(
-            w.w_ih, w.w_hh, bias, b_hn, x, carry, valid, reverse, unroll, hoist
+            w_ih, w_hh, bias, b_hn, x, carry, valid, reverse, unroll, hoist
         )
         return h, ys
+    carry = _vary_like(carry, w, x)
     xw, b_hn = cells.input_projection(kind, w, x)
     step = cells.step_fn(kind, w, b_hn, nonlinearity)
     if valid is None:
