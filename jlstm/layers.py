@@ -144,40 +144,69 @@ def _vary_like(tree, *others):
     return jax.tree.map(cast, tree) if axes else tree
 
 
+def _fused(kind: str, w: P.Weights, impl: str) -> bool:
+    """Whether this layer runs on :mod:`jlstm.recurrence` (hand-written backward)."""
+    return impl != "scan" and (kind == "gru" or (kind == "lstm" and w.w_hr is None))
+
+
+def _recurrence(kind, ws, x, carry, valid, reverse, unroll, hoist=None):
+    """LSTM (without projection) or GRU on :mod:`jlstm.recurrence`, whose hand-written backward
+    forms the weight gradients in one matmul after the loop. ``ws`` holds one direction's weights,
+    or both directions' stacked on a leading axis with ``x``, ``carry`` and ``valid`` to match.
+    ``hoist`` (default: by backend) places the input projection, see there."""
+    biases = [cells.folded_biases(kind, w) for w in ws]
+    zeros = jnp.zeros(ws[0].w_hh.shape[:1], x.dtype)
+    bias = [zeros if b is None else b for b, _ in biases]
+    b_hn = [zeros[: ws[0].w_hh.shape[1]] if b is None else b for _, b in biases]
+
+    def join(arrays):
+        return arrays[0] if len(arrays) == 1 else jnp.stack(arrays)
+
+    w_ih, w_hh = join([w.w_ih for w in ws]), join([w.w_hh for w in ws])
+    bias, b_hn = join(bias), join(b_hn)
+    if hoist is None:
+        # On XLA CPU the input projection runs faster inside the step (see jlstm.recurrence).
+        hoist = jax.default_backend() != "cpu"
+    if kind == "lstm":
+        w_ih, w_hh, bias, x, carry = _vary_like((w_ih, w_hh, bias, x, carry))
+        ys, h, c = recurrence.lstm_recurrence(
+            w_ih, w_hh, bias, x, *carry, valid, reverse, unroll, hoist
+        )
+        return (h, c), ys
+    w_ih, w_hh, bias, b_hn, x, carry = _vary_like((w_ih, w_hh, bias, b_hn, x, carry))
+    ys, h = recurrence.gru_recurrence(
+        w_ih, w_hh, bias, b_hn, x, carry, valid, reverse, unroll, hoist
+    )
+    return h, ys
+
+
 def _direction(kind, w, x, carry, valid, reverse, nonlinearity, impl, unroll, hoist=None):
     """One direction of one layer over the whole sequence: ``(final carry, outputs)``.
 
-    LSTM (without projection) and GRU run on :mod:`jlstm.recurrence`, whose hand-written backward
-    forms the weight gradients in one matmul after the loop, unless ``impl="scan"`` asks for plain
-    autodiff through ``lax.scan`` over the cell (the reference path; RNN and projected LSTM use it).
-    ``hoist`` (default: by backend) places the fused path's input projection, see there.
+    LSTM (without projection) and GRU run on :func:`_recurrence` unless ``impl="scan"`` asks for
+    plain autodiff through ``lax.scan`` over the cell (the reference path; RNN and projected LSTM
+    use it).
     """
-    fused = impl != "scan" and (kind == "gru" or (kind == "lstm" and w.w_hr is None))
-    if fused:
-        bias, b_hn = cells.folded_biases(kind, w)
-        zeros = jnp.zeros(w.w_hh.shape[:1], x.dtype)
-        bias = zeros if bias is None else bias
-        if hoist is None:
-            # On XLA CPU the input projection runs faster inside the step (see jlstm.recurrence).
-            hoist = jax.default_backend() != "cpu"
-        if kind == "lstm":
-            w_ih, w_hh, bias, x, carry = _vary_like((w.w_ih, w.w_hh, bias, x, carry))
-            ys, h, c = recurrence.lstm_recurrence(
-                w_ih, w_hh, bias, x, *carry, valid, reverse, unroll, hoist
-            )
-            return (h, c), ys
-        b_hn = zeros[: w.w_hh.shape[1]] if b_hn is None else b_hn
-        w_ih, w_hh, bias, b_hn, x, carry = _vary_like((w.w_ih, w.w_hh, bias, b_hn, x, carry))
-        ys, h = recurrence.gru_recurrence(
-            w_ih, w_hh, bias, b_hn, x, carry, valid, reverse, unroll, hoist
-        )
-        return h, ys
+    if _fused(kind, w, impl):
+        return _recurrence(kind, (w,), x, carry, valid, reverse, unroll, hoist)
     carry = _vary_like(carry, w, x)
     xw, b_hn = cells.input_projection(kind, w, x)
     step = cells.step_fn(kind, w, b_hn, nonlinearity)
     if valid is None:
         return lax.scan(step, carry, xw, reverse=reverse, unroll=unroll)
     return lax.scan(partial(_masked, step), carry, (xw, valid), reverse=reverse, unroll=unroll)
+
+
+def _bidirectional(kind, ws, x, carry, valid, unroll, hoist=None):
+    """Both directions of a fused layer in one loop: the reverse direction runs forward in time
+    over the flipped sequence (and flipped ``valid``, which keeps packed-sequence semantics), the
+    two stacked on a leading axis so that each step is one batched matmul. Returns the two final
+    carries and the ``(L, N, 2*H)`` output."""
+    both = jnp.stack([x, x[::-1]], axis=1)
+    valid = None if valid is None else jnp.stack([valid, valid[::-1]], axis=1)
+    carry, ys = _recurrence(kind, ws, both, carry, valid, False, unroll, hoist)
+    finals = [jax.tree.map(lambda s, k=k: s[k], carry) for k in range(2)]
+    return finals, jnp.concatenate([ys[:, 0], ys[::-1, 1]], axis=-1)
 
 
 @partial(jax.jit, static_argnames=("kind", "dropout", "nonlinearity", "impl", "unroll"))
@@ -204,16 +233,21 @@ def _stack(
     )
     finals = []
     for layer, directions in enumerate(layers):
-        outputs = []
-        for direction, w in enumerate(directions):
-            index = layer * len(directions) + direction
-            carry = jax.tree.map(lambda s, i=index: s[i], state)
-            carry, y = _direction(
-                kind, w, x, carry, valid, direction == 1, nonlinearity, impl, unroll
-            )
-            finals.append(carry)
-            outputs.append(y)
-        x = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
+        first = layer * len(directions)
+        if len(directions) == 2 and _fused(kind, directions[0], impl):
+            carry = jax.tree.map(lambda s, i=first: s[i : i + 2], state)
+            carries, x = _bidirectional(kind, directions, x, carry, valid, unroll)
+            finals.extend(carries)
+        else:
+            outputs = []
+            for direction, w in enumerate(directions):
+                carry = jax.tree.map(lambda s, i=first + direction: s[i], state)
+                carry, y = _direction(
+                    kind, w, x, carry, valid, direction == 1, nonlinearity, impl, unroll
+                )
+                finals.append(carry)
+                outputs.append(y)
+            x = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
         if dropout and key is not None and layer < len(layers) - 1:
             key, sub = jax.random.split(key)
             keep = jax.random.bernoulli(sub, 1.0 - dropout, x.shape)
