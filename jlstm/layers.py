@@ -107,7 +107,9 @@ def _check_dropout(fn: str, dropout) -> None:
 IMPLS = ("auto", "fused", "scan")
 
 
-def _check_impl(fn: str, kind: str, structure: P.Structure, impl, unroll) -> None:
+def _check_impl(
+    fn: str, kind: str, structure: P.Structure, impl, unroll, checkpoint_every=None
+) -> None:
     if impl not in IMPLS:
         raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "fused" and (kind == "rnn" or structure.proj_size):
@@ -118,6 +120,15 @@ def _check_impl(fn: str, kind: str, structure: P.Structure, impl, unroll) -> Non
     if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
         raise ValueError(
             f"{fn}: unroll must be an int >= 1 (time steps per loop iteration), got {unroll!r}"
+        )
+    if checkpoint_every is not None and (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int)
+        or checkpoint_every < 1
+    ):
+        raise ValueError(
+            f"{fn}: checkpoint_every must be None or an int >= 1 (time steps per recomputed "
+            f"segment), got {checkpoint_every!r}; e.g. checkpoint_every=64 for long sequences"
         )
 
 
@@ -162,8 +173,10 @@ def _recurrence(kind, ws, x, carry, valid, reverse, unroll, hoist=None):
     def join(arrays):
         return arrays[0] if len(arrays) == 1 else jnp.stack(arrays)
 
+    # In x's dtype (the promoted one, see _run): the hand-written backward then returns each
+    # gradient in its parameter's own dtype through astype's transpose.
     w_ih, w_hh = join([w.w_ih for w in ws]), join([w.w_hh for w in ws])
-    bias, b_hn = join(bias), join(b_hn)
+    w_ih, w_hh, bias, b_hn = (a.astype(x.dtype) for a in (w_ih, w_hh, join(bias), join(b_hn)))
     if hoist is None:
         # On XLA CPU the input projection runs faster inside the step (see jlstm.recurrence).
         hoist = jax.default_backend() != "cpu"
@@ -180,36 +193,83 @@ def _recurrence(kind, ws, x, carry, valid, reverse, unroll, hoist=None):
     return h, ys
 
 
-def _direction(kind, w, x, carry, valid, reverse, nonlinearity, impl, unroll, hoist=None):
+def _segmented(run, carry, xs, valid, reverse, every):
+    """``run(carry, xs, valid) -> (carry, ys)`` over the whole sequence, or, with ``every``, as a
+    scan over segments of ``every`` steps, each under ``jax.checkpoint``: the backward pass keeps
+    only the carry at each segment start and recomputes a segment's forward when it reaches it, so
+    activation memory is ``O(L/every + every)`` steps instead of ``O(L)``, for about one extra
+    forward pass. A ragged last segment is padded with invalid steps, which leave the carry alone
+    (forward and reverse alike) and whose outputs are cut off."""
+    length = xs.shape[0]
+    if every is None or every >= length:
+        return run(carry, xs, valid)
+    segments = -(-length // every)
+    pad = segments * every - length
+    if pad:
+        if valid is None:
+            valid = jnp.ones((length, *xs.shape[1:-1], 1), bool)
+        xs = jnp.concatenate([xs, jnp.zeros((pad, *xs.shape[1:]), xs.dtype)])
+        valid = jnp.concatenate([valid, jnp.zeros((pad, *valid.shape[1:]), bool)])
+
+    def split(a):
+        return None if a is None else a.reshape(segments, every, *a.shape[1:])
+
+    carry, ys = lax.scan(
+        lambda carry, seg: jax.checkpoint(run)(carry, *seg),
+        carry,
+        (split(xs), split(valid)),
+        reverse=reverse,
+    )
+    return carry, ys.reshape(segments * every, *ys.shape[2:])[:length]
+
+
+def _direction(
+    kind, w, x, carry, valid, reverse, nonlinearity, impl, unroll, hoist=None, every=None
+):
     """One direction of one layer over the whole sequence: ``(final carry, outputs)``.
 
     LSTM (without projection) and GRU run on :func:`_recurrence` unless ``impl="scan"`` asks for
     plain autodiff through ``lax.scan`` over the cell (the reference path; RNN and projected LSTM
-    use it).
+    use it). ``every`` recomputes the forward in segments, see :func:`_segmented`.
     """
     if _fused(kind, w, impl):
-        return _recurrence(kind, (w,), x, carry, valid, reverse, unroll, hoist)
+
+        def run(carry, x, valid):
+            return _recurrence(kind, (w,), x, carry, valid, reverse, unroll, hoist)
+
+        return _segmented(run, carry, x, valid, reverse, every)
     carry = _vary_like(carry, w, x)
     xw, b_hn = cells.input_projection(kind, w, x)
     step = cells.step_fn(kind, w, b_hn, nonlinearity)
-    if valid is None:
-        return lax.scan(step, carry, xw, reverse=reverse, unroll=unroll)
-    return lax.scan(partial(_masked, step), carry, (xw, valid), reverse=reverse, unroll=unroll)
+
+    def run(carry, xw, valid):
+        if valid is None:
+            return lax.scan(step, carry, xw, reverse=reverse, unroll=unroll)
+        return lax.scan(partial(_masked, step), carry, (xw, valid), reverse=reverse, unroll=unroll)
+
+    return _segmented(run, carry, xw, valid, reverse, every)
 
 
-def _bidirectional(kind, ws, x, carry, valid, unroll, hoist=None):
+def _bidirectional(kind, ws, x, carry, valid, unroll, hoist=None, every=None):
     """Both directions of a fused layer in one loop: the reverse direction runs forward in time
     over the flipped sequence (and flipped ``valid``, which keeps packed-sequence semantics), the
     two stacked on a leading axis so that each step is one batched matmul. Returns the two final
     carries and the ``(L, N, 2*H)`` output."""
     both = jnp.stack([x, x[::-1]], axis=1)
     valid = None if valid is None else jnp.stack([valid, valid[::-1]], axis=1)
-    carry, ys = _recurrence(kind, ws, both, carry, valid, False, unroll, hoist)
+
+    def run(carry, x, valid):
+        return _recurrence(kind, ws, x, carry, valid, False, unroll, hoist)
+
+    carry, ys = _segmented(run, carry, both, valid, False, every)
     finals = [jax.tree.map(lambda s, k=k: s[k], carry) for k in range(2)]
     return finals, jnp.concatenate([ys[:, 0], ys[::-1, 1]], axis=-1)
 
 
-@partial(jax.jit, static_argnames=("kind", "dropout", "nonlinearity", "impl", "unroll"))
+@partial(
+    jax.jit,
+    static_argnames=("kind", "dropout", "nonlinearity", "impl", "unroll", "checkpoint_every"),
+)
 def _stack(
     layers: tuple[tuple[P.Weights, ...], ...],
     x: jax.Array,
@@ -222,6 +282,7 @@ def _stack(
     nonlinearity: str,
     impl: str,
     unroll: int,
+    checkpoint_every: int | None,
 ):
     """Runs every layer and direction; ``state`` is a pytree of ``(D*num_layers, N, ·)`` arrays.
 
@@ -236,14 +297,25 @@ def _stack(
         first = layer * len(directions)
         if len(directions) == 2 and _fused(kind, directions[0], impl):
             carry = jax.tree.map(lambda s, i=first: s[i : i + 2], state)
-            carries, x = _bidirectional(kind, directions, x, carry, valid, unroll)
+            carries, x = _bidirectional(
+                kind, directions, x, carry, valid, unroll, every=checkpoint_every
+            )
             finals.extend(carries)
         else:
             outputs = []
             for direction, w in enumerate(directions):
                 carry = jax.tree.map(lambda s, i=first + direction: s[i], state)
                 carry, y = _direction(
-                    kind, w, x, carry, valid, direction == 1, nonlinearity, impl, unroll
+                    kind,
+                    w,
+                    x,
+                    carry,
+                    valid,
+                    direction == 1,
+                    nonlinearity,
+                    impl,
+                    unroll,
+                    every=checkpoint_every,
                 )
                 finals.append(carry)
                 outputs.append(y)
@@ -269,10 +341,11 @@ def _run(
     nonlinearity="tanh",
     impl="auto",
     unroll=1,
+    checkpoint_every=None,
 ):
     structure = P.layer_structure(fn, kind, params)
     _check_dropout(fn, dropout)
-    _check_impl(fn, kind, structure, impl, unroll)
+    _check_impl(fn, kind, structure, impl, unroll, checkpoint_every)
     x, batched = _check_input(fn, x, structure, batch_first)
     length, batch = x.shape[:2]
     lengths = _check_lengths(fn, seq_lengths, length, batch, batched)
@@ -298,6 +371,7 @@ def _run(
         nonlinearity=nonlinearity,
         impl=impl,
         unroll=unroll,
+        checkpoint_every=checkpoint_every,
     )
     if not batched:
         return output[:, 0], jax.tree.map(lambda s: s[:, 0], final)
@@ -315,6 +389,7 @@ def lstm(
     key: jax.Array | None = None,
     impl: str = "auto",
     unroll: int = 1,
+    checkpoint_every: int | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """``torch.nn.LSTM`` as a pure function: ``output, (h_n, c_n) = lstm(params, x, (h_0, c_0))``.
 
@@ -336,6 +411,11 @@ def lstm(
         applies, i.e. without ``proj_size``), ``"fused"`` to require it, or ``"scan"`` for plain
         autodiff through ``lax.scan`` over the cell. All give torch's numbers.
       unroll: time steps per loop iteration (``lax.scan``'s ``unroll``); a speed knob only.
+      checkpoint_every: memory knob for training on long sequences: the backward pass keeps the
+        state every ``checkpoint_every`` steps and recomputes the steps in between
+        (``jax.checkpoint`` per segment), so activation memory grows with ``L / checkpoint_every +
+        checkpoint_every`` instead of ``L``, for about one extra forward pass. ``None`` (default)
+        keeps every step. The numbers are the same either way.
 
     Returns:
       ``output`` ``(L, N, D*H_out)`` (``(N, L, D*H_out)`` with ``batch_first``) and ``(h_n, c_n)``.
@@ -358,6 +438,7 @@ def lstm(
         key=key,
         impl=impl,
         unroll=unroll,
+        checkpoint_every=checkpoint_every,
     )
 
 
@@ -372,6 +453,7 @@ def gru(
     key: jax.Array | None = None,
     impl: str = "auto",
     unroll: int = 1,
+    checkpoint_every: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``torch.nn.GRU`` as a pure function: ``output, h_n = gru(params, x, h_0)``.
 
@@ -394,6 +476,7 @@ def gru(
         key=key,
         impl=impl,
         unroll=unroll,
+        checkpoint_every=checkpoint_every,
     )
 
 
@@ -409,6 +492,7 @@ def rnn(
     key: jax.Array | None = None,
     impl: str = "auto",
     unroll: int = 1,
+    checkpoint_every: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``torch.nn.RNN`` (Elman, ``nonlinearity="tanh"`` or ``"relu"``): ``output, h_n = rnn(params, x, h_0)``.
 
@@ -433,6 +517,7 @@ def rnn(
         nonlinearity=nonlinearity,
         impl=impl,
         unroll=unroll,
+        checkpoint_every=checkpoint_every,
     )
 
 

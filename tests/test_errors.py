@@ -279,3 +279,12 @@ def test_fused_impl_not_available_for_projection():
 def test_bad_unroll(unroll):
     with pytest.raises(ValueError, match=r"unroll must be an int >= 1 .*got"):
         jlstm.gru(GRU, X, unroll=unroll)
+
+
+@pytest.mark.parametrize("every", [0, -3, 2.5, True, "16"], ids=str)
+def test_bad_checkpoint_every(every):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint_every must be None or an int >= 1 .*got .*e\.g\. checkpoint_every=64",
+    ):
+        jlstm.gru(GRU, X, checkpoint_every=every)

@@ -91,3 +91,25 @@ def test_both_directions_in_one_loop_match_autodiff(kind, bias, masked, hoist):
     want = jax.value_and_grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(params, x, carry)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert jnp.allclose(g, w, rtol=1e-12, atol=1e-12), float(jnp.abs(g - w).max())
+
+
+@pytest.mark.parametrize("every", [None, 2], ids=["default", "checkpoint_every"])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_float32_params_with_float64_input(kind, every):
+    """Mixed dtypes compute in the promoted dtype, as the reference path does, and every gradient
+    comes back in its own argument's dtype."""
+    fn, init = (jlstm.lstm, jlstm.init_lstm) if kind == "lstm" else (jlstm.gru, jlstm.init_gru)
+    params = init(KEY, 3, 5, bidirectional=True)  # float32
+    x = jax.random.normal(KEY, (6, 4, 3), jnp.float64)
+
+    def grads(impl):
+        return jax.grad(
+            lambda p, x: jnp.sum(jnp.sin(fn(p, x, impl=impl, checkpoint_every=every)[0])), (0, 1)
+        )(params, x)
+
+    got, want = grads("auto"), grads("scan")
+    for g, w, arg in zip(
+        jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves((params, x)), strict=True
+    ):
+        assert g.dtype == arg.dtype, (g.dtype, arg.dtype)
+        assert jnp.allclose(g, w, rtol=1e-6, atol=1e-6), float(jnp.abs(g - w).max())
