@@ -69,6 +69,7 @@ class Impl(NamedTuple):
     sync: Callable[[Any], Any]  # waits for the result of `run`
     result: Callable[[Any], dict[str, np.ndarray]]  # named arrays compared with torch's
     compile_s: float | None
+    memory_mib: float | None = None  # JAX: XLA's temp + output buffers of one call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +148,9 @@ def jax_impl(fn, args, result) -> Impl:
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - start
-    return Impl(lambda: compiled(*args), jax.block_until_ready, result, compile_s)
+    m = compiled.memory_analysis()
+    memory_mib = None if m is None else (m.temp_size_in_bytes + m.output_size_in_bytes) / 2**20
+    return Impl(lambda: compiled(*args), jax.block_until_ready, result, compile_s, memory_mib)
 
 
 def make_torch(module, x, cot, mode, device) -> Impl:
@@ -191,14 +194,20 @@ def make_jax(forward, params, x, cot, mode) -> Impl:
     return jax_impl(jax.grad(loss, argnums=(0, 1)), (params, x, cot), result)
 
 
-def make_impl(name, case, mode, module, x, cot, torch_device) -> Impl:
+def make_impl(name, case, mode, module, x, cot, torch_device, checkpoint_every=None) -> Impl:
     params = jlstm.from_torch(module.state_dict())
     xj, cotj = jnp.asarray(x), jnp.asarray(cot)
     if name == "torch":
         return make_torch(module, x, cot, mode, torch_device)
     if name == "jlstm":
         layer = jlstm.lstm if case.cell == "lstm" else jlstm.gru
-        return make_jax(lambda p, x: layer(p, x)[0], params, xj, cotj, mode)
+        return make_jax(
+            lambda p, x: layer(p, x, checkpoint_every=checkpoint_every)[0],
+            params,
+            xj,
+            cotj,
+            mode,
+        )
     if name == "flax":
         model = FlaxStack(case.cell, case.hidden_size, case.num_layers, case.bidirectional)
         fparams = to_flax(params, case)
@@ -286,16 +295,22 @@ def time_round_robin(impls: dict[str, Impl], samples: int, sample_s: float) -> d
     }
 
 
-def bench_case(name, case, mode, impl_names, args) -> dict:
+def setup(case: Case, device: str):
+    """The torch module (seeded weights), input and output cotangent of a case."""
     torch.manual_seed(0)
     module_cls = torch.nn.LSTM if case.cell == "lstm" else torch.nn.GRU
     module = module_cls(
         case.input_size, case.hidden_size, case.num_layers, bidirectional=case.bidirectional
-    ).to(args.torch_device)
+    ).to(device)
     rng = np.random.default_rng(0)
     D = 2 if case.bidirectional else 1
     x = rng.standard_normal((case.seq_len, case.batch, case.input_size), np.float32)
     cot = rng.standard_normal((case.seq_len, case.batch, D * case.hidden_size), np.float32)
+    return module, x, cot
+
+
+def bench_case(name, case, mode, impl_names, args) -> dict:
+    module, x, cot = setup(case, args.torch_device)
     tol = 1e-4 if jax.default_backend() == "cpu" else 5e-3  # GPUs may use TF32 for float32
 
     impls, record = {}, {"case": name, "mode": mode, "shape": case._asdict(), "impls": {}}
@@ -319,6 +334,98 @@ def bench_case(name, case, mode, impl_names, args) -> dict:
     for impl_name, timing in time_round_robin(impls, args.samples, args.sample_s).items():
         record["impls"][impl_name] |= timing
     return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory of one train step (forward + backward) on args.memory_cases.
+#
+# JAX: XLA's buffer assignment for the compiled step, temp + output bytes (what one call allocates
+# beyond its inputs; exact, and an upper bound on what it touches). torch: measured in a fresh
+# process from the kernel's count of resident memory: glibc is told to serve every allocation of
+# 64 KiB or more with its own mmap and to hand it back on free (MALLOC_MMAP_THRESHOLD_,
+# MALLOC_TRIM_THRESHOLD_), so resident memory follows live buffers; after two warm-up steps the
+# peak counter is reset (/proc/self/clear_refs) and the peak over one more step, less the resident
+# memory before it, is what the step needed (saved activations, oneDNN workspaces, gradients).
+# The resident-memory method is not used for JAX: in a process that has run other XLA programs it
+# reported far less than XLA's buffer assignment (memory already resident was reused).
+
+CHECKPOINT_EVERY = 16  # jlstm's memory-bounded variant in the memory table
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def torch_memory_child(case_name: str, device: str) -> dict:
+    """Runs in the child process: the peak extra resident memory of one torch train step."""
+    module, x, cot = setup(CASES[case_name], device)
+    impl = make_torch(module, x, cot, "train", device)
+    impl.sync(impl.run())
+    impl.sync(impl.run())
+    base = _proc_status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident memory, to the current resident memory
+    impl.sync(impl.run())
+    return {"peak_mib": (_proc_status("VmHWM:") - base) / 2**20}
+
+
+def _torch_memory(case_name: str, args) -> float | None:
+    if args.torch_device != "cpu" or not os.path.exists("/proc/self/clear_refs"):
+        return None
+    cmd = [sys.executable, "-m", "experiments.bench", "--memory-child", case_name]
+    cmd += ["--torch-threads", str(args.torch_threads)]
+    env = os.environ | MALLOC_ENV
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0:
+        print(f"  train-step memory {case_name}/torch failed: {proc.stderr.strip()[-300:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def bench_memory(args) -> dict:
+    """Train-step memory (MiB) of torch, jlstm, jlstm with checkpoint_every, flax, per case; every
+    JAX variant is checked against torch's gradients first."""
+    results = {}
+    for case_name in args.memory_cases:
+        case = CASES[case_name]
+        module, x, cot = setup(case, args.torch_device)
+        reference = make_torch(module, x, cot, "train", args.torch_device)
+        want = reference.result(reference.sync(reference.run()))
+        row = {"torch": _torch_memory(case_name, args)}
+        for label, name, every in [
+            ("jlstm", "jlstm", None),
+            (f"jlstm checkpoint_every={CHECKPOINT_EVERY}", "jlstm", CHECKPOINT_EVERY),
+            ("flax", "flax", None),
+        ]:
+            if name not in args.impls:
+                continue
+            impl = make_impl(name, case, "train", module, x, cot, args.torch_device, every)
+            err = max_rel_err(impl.result(impl.sync(impl.run())), want)
+            if err > 1e-4:
+                raise RuntimeError(f"{case_name}/{label}: max relative error {err:.1e} vs torch")
+            row[label] = impl.memory_mib
+        results[case_name] = row
+        print(
+            f"  train-step memory {case_name}: "
+            + ", ".join(f"{k} {_fmt(v, '.1f')} MiB" for k, v in row.items()),
+            flush=True,
+        )
+    return results
+
+
+def memory_table(results: dict) -> str:
+    labels = list(dict.fromkeys(k for row in results.values() for k in row))
+    others = [lb for lb in labels if lb != "torch"]
+    head = ["case", *(f"{lb} MiB" for lb in labels), *(f"{lb} / torch" for lb in others)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case_name, row in results.items():
+        cells = [case_name, *(_fmt(row.get(lb), ".1f") for lb in labels)]
+        t = row.get("torch")
+        cells += [_fmt(row[lb] / t if row.get(lb) and t else None, ".2f") for lb in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,13 +595,26 @@ def parse_args(argv=None):
     p.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--torch-device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/bench/bench.json", help="where the JSON goes")
+    p.add_argument(
+        "--memory-cases", default="long", help="cases whose train-step peak memory is measured"
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--memory-child", metavar="CASE", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_child:
+        return args
     args.cases = args.cases.split(",") if args.cases else QUICK_CASES if args.quick else list(CASES)
     args.modes, args.impls = args.modes.split(","), args.impls.split(",")
     args.samples = args.samples or (3 if args.quick else 9)
     args.sample_s = args.sample_s or (0.05 if args.quick else 0.2)
     args.epoch_samples = args.epoch_samples or (1 if args.quick else 3)
-    for value, allowed in [(args.cases, CASES), (args.modes, MODES), (args.impls, IMPLS)]:
+    args.memory_cases = [] if args.no_memory else args.memory_cases.split(",")
+    for value, allowed in [
+        (args.cases, CASES),
+        (args.modes, MODES),
+        (args.impls, IMPLS),
+        (args.memory_cases, CASES),
+    ]:
         if bad := [v for v in value if v not in allowed]:
             p.error(f"unknown {bad}; choose from {list(allowed)}")
     if "torch" not in args.impls or args.impls[0] != "torch":
@@ -505,6 +625,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.torch_threads)
+    if args.memory_child:
+        print(json.dumps(torch_memory_child(args.memory_child, args.torch_device)))
+        return 0
     env = environment(args)
     print(
         f"{env['date']}  jax {jax.__version__} ({jax.default_backend()})  torch {torch.__version__}"
@@ -517,8 +640,15 @@ def main(argv=None):
             results.append(bench_case(name, CASES[name], mode, args.impls, args))
             print(table(results[-1:]).splitlines()[-1], flush=True)
     epoch = None if args.no_epoch else bench_epoch(args)
+    memory = bench_memory(args)
     env["total_s"] = time.perf_counter() - start
     print("\n" + table(results))
+    if memory:
+        print(
+            "\nMemory of one train step, MiB beyond its inputs (JAX: XLA temp + output buffers;"
+            " torch: peak resident memory):"
+        )
+        print(memory_table(memory))
     if epoch:
         print(
             f"\nMNIST epoch ({epoch['batches']} batches of {epoch['batch']}): "
@@ -527,7 +657,12 @@ def main(argv=None):
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(env | {"results": results, "mnist_epoch": epoch}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            env | {"results": results, "mnist_epoch": epoch, "peak_memory": memory}, indent=1
+        )
+        + "\n"
+    )
     print(f"\nwrote {out} ({env['total_s']:.0f} s)")
     loads = [r["load_avg_1m"] for r in results] + ([epoch["load_avg_1m"]] if epoch else [])
     if loads and max(loads) > 1.5 * os.cpu_count():
