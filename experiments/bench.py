@@ -521,7 +521,8 @@ def environment(args) -> dict:
 
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
-        names = [ln for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        with open("/proc/cpuinfo") as f:
+            names = [ln for ln in f if ln.startswith("model name")]
         cpu = names[0].split(":", 1)[1].strip() if names else cpu
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
