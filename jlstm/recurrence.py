@@ -16,8 +16,8 @@ extra matmul). ``valid`` (``(L, N, 1)`` bool or None) gives packed-sequence sema
 Every array may carry a leading direction axis ``D`` (weights ``(D, G, ·)``, biases ``(D, G)``,
 states ``(D, N, H)``, ``x (L, D, N, I)``, ``valid (L, D, N, 1)``): the ``D`` recurrences then run in
 one loop with batched matmuls, which is how both directions of a bidirectional layer run (the
-caller flips the reverse direction's inputs in time). Twice the work per step costs far less than
-twice the time of a step, which is dominated by per-op overhead at RNN sizes.
+caller flips the reverse direction's inputs in time). On XLA CPU that made the benchmark's
+bidirectional forward passes 4-10 % faster than two loops, training within 3 % (BENCHMARKS.md).
 """
 
 from __future__ import annotations
