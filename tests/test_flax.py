@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from trees import assert_trees_close
 
 import jlstm
 
@@ -95,14 +96,6 @@ def torch_forward(torch, layer, x, lengths=None):
     if lengths is not None:
         output, _ = pad_packed_sequence(output, batch_first=layer.batch_first, total_length=L)
     return jax.tree.map(lambda t: t.numpy(), (output, final))
-
-
-def assert_trees_close(actual, expected, **tol):
-    assert jax.tree.structure(jax.tree.map(np.asarray, actual)) == jax.tree.structure(
-        jax.tree.map(np.asarray, expected)
-    )
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(e), **tol)
 
 
 # --------------------------------------------------------------------------------------------
