@@ -155,28 +155,17 @@ def _vary_like(tree, *others):
     return jax.tree.map(cast, tree) if axes else tree
 
 
-def _fused(kind: str, w: P.Weights, impl: str) -> bool:
-    """Whether this layer runs on :mod:`jlstm.recurrence` (hand-written backward)."""
-    return impl != "scan" and (kind == "gru" or (kind == "lstm" and w.w_hr is None))
-
-
-def _recurrence(kind, ws, x, carry, valid, reverse, unroll, hoist=None):
+def _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist=None):
     """LSTM (without projection) or GRU on :mod:`jlstm.recurrence`, whose hand-written backward
-    forms the weight gradients in one matmul after the loop. ``ws`` holds one direction's weights,
-    or both directions' stacked on a leading axis with ``x``, ``carry`` and ``valid`` to match.
-    ``hoist`` (default: by backend) places the input projection, see there."""
-    biases = [cells.folded_biases(kind, w) for w in ws]
-    zeros = jnp.zeros(ws[0].w_hh.shape[:1], x.dtype)
-    bias = [zeros if b is None else b for b, _ in biases]
-    b_hn = [zeros[: ws[0].w_hh.shape[1]] if b is None else b for _, b in biases]
-
-    def join(arrays):
-        return arrays[0] if len(arrays) == 1 else jnp.stack(arrays)
-
+    forms the weight gradients in one matmul after the loop. ``hoist`` (default: by backend)
+    places the input projection, see there."""
+    bias, b_hn = cells.folded_biases(kind, w)
+    zeros = jnp.zeros(w.w_hh.shape[:1], x.dtype)
+    bias = zeros if bias is None else bias
+    b_hn = zeros[: w.w_hh.shape[1]] if b_hn is None else b_hn
     # In x's dtype (the promoted one, see _run): the hand-written backward then returns each
     # gradient in its parameter's own dtype through astype's transpose.
-    w_ih, w_hh = join([w.w_ih for w in ws]), join([w.w_hh for w in ws])
-    w_ih, w_hh, bias, b_hn = (a.astype(x.dtype) for a in (w_ih, w_hh, join(bias), join(b_hn)))
+    w_ih, w_hh, bias, b_hn = (a.astype(x.dtype) for a in (w.w_ih, w.w_hh, bias, b_hn))
     if hoist is None:
         # On XLA CPU the input projection runs faster inside the step (see jlstm.recurrence).
         hoist = jax.default_backend() != "cpu"
@@ -232,10 +221,10 @@ def _direction(
     plain autodiff through ``lax.scan`` over the cell (the reference path; RNN and projected LSTM
     use it). ``every`` recomputes the forward in segments, see :func:`_segmented`.
     """
-    if _fused(kind, w, impl):
+    if impl != "scan" and (kind == "gru" or (kind == "lstm" and w.w_hr is None)):
 
         def run(carry, x, valid):
-            return _recurrence(kind, (w,), x, carry, valid, reverse, unroll, hoist)
+            return _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist)
 
         return _segmented(run, carry, x, valid, reverse, every)
     carry = _vary_like(carry, w, x)
@@ -248,22 +237,6 @@ def _direction(
         return lax.scan(partial(_masked, step), carry, (xw, valid), reverse=reverse, unroll=unroll)
 
     return _segmented(run, carry, xw, valid, reverse, every)
-
-
-def _bidirectional(kind, ws, x, carry, valid, unroll, hoist=None, every=None):
-    """Both directions of a fused layer in one loop: the reverse direction runs forward in time
-    over the flipped sequence (and flipped ``valid``, which keeps packed-sequence semantics), the
-    two stacked on a leading axis so that each step is one batched matmul. Returns the two final
-    carries and the ``(L, N, 2*H)`` output."""
-    both = jnp.stack([x, x[::-1]], axis=1)
-    valid = None if valid is None else jnp.stack([valid, valid[::-1]], axis=1)
-
-    def run(carry, x, valid):
-        return _recurrence(kind, ws, x, carry, valid, False, unroll, hoist)
-
-    carry, ys = _segmented(run, carry, both, valid, False, every)
-    finals = [jax.tree.map(lambda s, k=k: s[k], carry) for k in range(2)]
-    return finals, jnp.concatenate([ys[:, 0], ys[::-1, 1]], axis=-1)
 
 
 @partial(
@@ -294,32 +267,25 @@ def _stack(
     )
     finals = []
     for layer, directions in enumerate(layers):
-        first = layer * len(directions)
-        if len(directions) == 2 and _fused(kind, directions[0], impl):
-            carry = jax.tree.map(lambda s, i=first: s[i : i + 2], state)
-            carries, x = _bidirectional(
-                kind, directions, x, carry, valid, unroll, every=checkpoint_every
+        outputs = []
+        for direction, w in enumerate(directions):
+            index = layer * len(directions) + direction
+            carry = jax.tree.map(lambda s, i=index: s[i], state)
+            carry, y = _direction(
+                kind,
+                w,
+                x,
+                carry,
+                valid,
+                direction == 1,
+                nonlinearity,
+                impl,
+                unroll,
+                every=checkpoint_every,
             )
-            finals.extend(carries)
-        else:
-            outputs = []
-            for direction, w in enumerate(directions):
-                carry = jax.tree.map(lambda s, i=first + direction: s[i], state)
-                carry, y = _direction(
-                    kind,
-                    w,
-                    x,
-                    carry,
-                    valid,
-                    direction == 1,
-                    nonlinearity,
-                    impl,
-                    unroll,
-                    every=checkpoint_every,
-                )
-                finals.append(carry)
-                outputs.append(y)
-            x = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
+            finals.append(carry)
+            outputs.append(y)
+        x = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
         if dropout and key is not None and layer < len(layers) - 1:
             key, sub = jax.random.split(key)
             keep = jax.random.bernoulli(sub, 1.0 - dropout, x.shape)

@@ -12,12 +12,6 @@ matmul before the loop (fast on GPU/TPU), or inside each step next to ``h @ W_hh
 CPU, where a step's fusion reading a slice of a large precomputed buffer runs slower than the small
 extra matmul). ``valid`` (``(L, N, 1)`` bool or None) gives packed-sequence semantics exactly as
 :func:`jlstm.layers._masked`: invalid steps keep the carry and output zeros.
-
-Every array may carry a leading direction axis ``D`` (weights ``(D, G, ·)``, biases ``(D, G)``,
-states ``(D, N, H)``, ``x (L, D, N, I)``, ``valid (L, D, N, 1)``): the ``D`` recurrences then run in
-one loop with batched matmuls, which is how both directions of a bidirectional layer run (the
-caller flips the reverse direction's inputs in time). On XLA CPU that made the benchmark's
-bidirectional forward passes 4-10 % faster than two loops, training within 3 % (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -33,28 +27,15 @@ def _where(valid, new, old):
     return new if valid is None else jnp.where(valid, new, old)
 
 
-def _t(w):
-    """``(G, K) -> (K, G)``, per direction when there is a leading direction axis."""
-    return jnp.swapaxes(w, -1, -2)
-
-
-def _row(b, ndim):
-    """A bias ``(G,)``, or ``(D, G)`` per direction, shaped to add to an ``ndim``-dimensional
-    ``(..., [D,] N, G)`` array without rank promotion."""
-    if b.ndim == 1:
-        return b.reshape((1,) * (ndim - 1) + b.shape)
-    return b.reshape((1,) * (ndim - 3) + (b.shape[0], 1, b.shape[1]))
-
-
 def _scan_inputs(x, w_ih_t, bias, valid, hoist):
     """What the forward scan runs over: the projected inputs (hoisted) or the raw inputs."""
-    xs = x @ w_ih_t + _row(bias, x.ndim) if hoist else x
+    xs = x @ w_ih_t + bias[None, None, :] if hoist else x
     return xs if valid is None else (xs, valid)
 
 
 def _step_input(inputs, w_ih_t, bias, masked, hoist):
     xs_t, valid_t = inputs if masked else (inputs, None)
-    return (xs_t if hoist else xs_t @ w_ih_t + _row(bias, xs_t.ndim)), valid_t
+    return (xs_t if hoist else xs_t @ w_ih_t + bias[None, :]), valid_t
 
 
 def _backward_scan(step, carry, xs, valid, reverse, unroll):
@@ -69,41 +50,33 @@ def _backward_scan(step, carry, xs, valid, reverse, unroll):
 def _weight_grad(d, v):
     """``sum_t d_t^T v_t`` for ``d (L, N, G)``, ``v (L, N, K)`` as one ``(K, L*N) @ (L*N, G)`` GEMM
     with the large operand on the right, the layout XLA CPU runs fastest (a 3-D einsum makes it
-    transpose the whole buffer first); one such GEMM per direction for ``(L, D, N, ·)``."""
-    if d.ndim == 4:
-        return jnp.stack([_weight_grad(d[:, k], v[:, k]) for k in range(d.shape[1])])
+    transpose the whole buffer first)."""
     return (v.reshape(-1, v.shape[-1]).T @ d.reshape(-1, d.shape[-1])).T
-
-
-def _sum_steps(d):
-    """``d (L, [D,] N, G)`` summed over time and batch: a bias gradient ``([D,] G)``."""
-    return jnp.sum(d, axis=(0, d.ndim - 2))
 
 
 def _input_grads(dxw, x, w_ih):
     """Gradients of ``x @ W_ih.T + bias`` from every step's gate gradients, as whole-sequence matmuls."""
-    return _weight_grad(dxw, x), _sum_steps(dxw), dxw @ w_ih
+    return _weight_grad(dxw, x), jnp.sum(dxw, axis=(0, 1)), dxw @ w_ih
 
 
 # --------------------------------------------------------------------------------------------
 # LSTM
 
 
-def _gate_scales(hidden: int, dtype, ndim: int) -> tuple[jax.Array, jax.Array]:
-    """Per-column (scale, offset), each ``(1, ..., 4H)`` of ``ndim`` dimensions, so that one tanh
-    over the whole i,f,g,o block gives every gate: sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5 for i, f, o
-    and tanh(x) for g."""
+def _gate_scales(hidden: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """Per-column (scale, offset), each ``(1, 4H)``, so that one tanh over the whole i,f,g,o block
+    gives every gate: sigmoid(x) = 0.5 * tanh(0.5 x) + 0.5 for i, f, o and tanh(x) for g."""
     half, one, zero = (jnp.full((hidden,), v, dtype) for v in (0.5, 1.0, 0.0))
     return (
-        _row(jnp.concatenate([half, half, one, half]), ndim),
-        _row(jnp.concatenate([half, half, zero, half]), ndim),
+        jnp.concatenate([half, half, one, half])[None, :],
+        jnp.concatenate([half, half, zero, half])[None, :],
     )
 
 
 def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist):
-    scale, offset = _gate_scales(c0.shape[-1], x.dtype, c0.ndim)
+    scale, offset = _gate_scales(c0.shape[-1], x.dtype)
     # (in, 4H) layouts, made once: XLA CPU's small dots run about twice as fast on them.
-    w_ih_t, w_hh_t = _t(w_ih), _t(w_hh)
+    w_ih_t, w_hh_t = w_ih.T, w_hh.T
 
     def step(carry, inputs):
         h, c = carry
@@ -131,8 +104,7 @@ def lstm_recurrence(w_ih, w_hh, bias, x, h0, c0, valid, reverse=False, unroll=1,
     """``(ys, h_n, c_n)`` of one LSTM direction without projection.
 
     Args: ``w_ih (4H, I)``, ``w_hh (4H, H)``, ``bias (4H,)`` (``b_ih + b_hh``), ``x (L, N, I)``,
-    ``h0, c0 (N, H)``, ``valid (L, N, 1)`` or None, each with an optional leading direction axis
-    (see the module docstring); ``reverse``, ``unroll``, ``hoist`` are static.
+    ``h0, c0 (N, H)``, ``valid (L, N, 1)`` or None; ``reverse``, ``unroll``, ``hoist`` are static.
     """
     return _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist)[0]
 
@@ -176,12 +148,12 @@ lstm_recurrence.defvjp(_lstm_fwd, _lstm_bwd)
 
 def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, unroll, hoist):
     hidden = h0.shape[-1]
-    w_ih_t, w_hh_t = _t(w_ih), _t(w_hh)  # (in, 3H) layouts, made once (see _lstm_forward)
+    w_ih_t, w_hh_t = w_ih.T, w_hh.T  # (in, 3H) layouts, made once (see _lstm_forward)
 
     def step(h, inputs):
         xw_t, valid_t = _step_input(inputs, w_ih_t, bias, valid is not None, hoist)
         hw = h @ w_hh_t
-        h_n = hw[..., 2 * hidden :] + _row(b_hn, hw.ndim)
+        h_n = hw[..., 2 * hidden :] + b_hn[None, :]
         rz = 0.5 * jnp.tanh(0.5 * (xw_t[..., : 2 * hidden] + hw[..., : 2 * hidden])) + 0.5
         r, z = jnp.split(rz, 2, axis=-1)
         n = jnp.tanh(xw_t[..., 2 * hidden :] + r * h_n)
@@ -233,7 +205,7 @@ def _gru_bwd(reverse, unroll, hoist, residuals, cotangents):
     )
     dw_ih, dbias, dx = _input_grads(dxw, x, w_ih)
     dw_hh = _weight_grad(dhw, hs_prev)
-    db_hn = _sum_steps(dhw[..., 2 * dh0.shape[-1] :])
+    db_hn = jnp.sum(dhw[..., 2 * dh0.shape[-1] :], axis=(0, 1))
     return dw_ih, dw_hh, dbias, db_hn, dx, dh0, None
 
 

@@ -53,41 +53,6 @@ def test_fused_direction_matches_autodiff(kind, bias, reverse, masked, hoist):
     assert_trees_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("hoist", [False, True], ids=["inside", "hoisted"])
-@pytest.mark.parametrize("masked", [False, True], ids=["dense", "lengths"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_both_directions_in_one_loop_match_autodiff(kind, bias, masked, hoist):
-    """layers._bidirectional (the two directions stacked, one loop of batched matmuls) equals the
-    two directions run one after the other by autodiff through the reference scan."""
-    init = jlstm.init_lstm if kind == "lstm" else jlstm.init_gru
-    params = init(KEY, 3, 5, bias=bias, bidirectional=True, dtype=jnp.float64)
-    params = {k: v + 0.3 if k.startswith("bias") else v for k, v in params.items()}
-    x = jax.random.normal(KEY, (6, 4, 3), jnp.float64)
-    h0 = jax.random.normal(jax.random.key(1), (2, 4, 5), jnp.float64)
-    carry = (h0, 2 * h0) if kind == "lstm" else h0
-    valid = (jnp.arange(6)[:, None] < LENGTHS[None, :])[..., None] if masked else None
-
-    def loss(run, params, x, carry):
-        ws = P.layer_structure("test", kind, params).layers[0]
-        return probe_loss(*run(ws, x, carry))
-
-    def one_loop(ws, x, carry):
-        finals, ys = layers._bidirectional(kind, ws, x, carry, valid, 1, hoist=hoist)
-        return ys, finals
-
-    def reference(ws, x, carry):
-        runs = [
-            _reference(kind, w, x, jax.tree.map(lambda s, k=k: s[k], carry), valid, k == 1)
-            for k, w in enumerate(ws)
-        ]
-        return jnp.concatenate([ys for ys, _ in runs], axis=-1), [c for _, c in runs]
-
-    got = jax.value_and_grad(lambda *a: loss(one_loop, *a), argnums=(0, 1, 2))(params, x, carry)
-    want = jax.value_and_grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(params, x, carry)
-    assert_trees_close(got, want, rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.parametrize("every", [None, 2], ids=["default", "checkpoint_every"])
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_float32_params_with_float64_input(kind, every):
