@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[all]'
+	@# The C++ LSTM loop (jlstm.native) compiles on first use; build it now, or say why not.
+	$(PY) -m jlstm.native || echo "jlstm: continuing with the pure-JAX paths"
 	touch $@
 
 $(VENV)/.torch: $(VENV)/.installed

@@ -40,6 +40,7 @@ import optax
 import torch
 
 import jlstm
+from jlstm import native
 
 
 class Case(NamedTuple):
@@ -61,7 +62,9 @@ CASES = {
 }
 QUICK_CASES = ["mnist", "long", "gru"]
 MODES = ["fwd", "train"]
-IMPLS = ["torch", "jlstm", "flax", "cudnn"]
+# jlstm: impl="auto" (on CPU the C++ loop of jlstm.native); jlstm-fused: the pure-JAX lax.scan path
+# with the hand-written backward (impl="fused", what auto takes on GPU/TPU).
+IMPLS = ["torch", "jlstm", "jlstm-fused", "flax", "cudnn"]
 
 
 class Impl(NamedTuple):
@@ -199,10 +202,11 @@ def make_impl(name, case, mode, module, x, cot, torch_device, checkpoint_every=N
     xj, cotj = jnp.asarray(x), jnp.asarray(cot)
     if name == "torch":
         return make_torch(module, x, cot, mode, torch_device)
-    if name == "jlstm":
+    if name in ("jlstm", "jlstm-fused"):
         layer = jlstm.lstm if case.cell == "lstm" else jlstm.gru
+        impl = "fused" if name == "jlstm-fused" else "auto"
         return make_jax(
-            lambda p, x: layer(p, x, checkpoint_every=checkpoint_every)[0],
+            lambda p, x: layer(p, x, impl=impl, checkpoint_every=checkpoint_every)[0],
             params,
             xj,
             cotj,
@@ -557,7 +561,10 @@ def environment(args) -> dict:
             "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))},
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "xla_cpu_threads": "XLA default (one per core)",
+            "jlstm_native_threads": os.environ.get("JLSTM_NATIVE_THREADS", "one per core"),
         },
+        # Which loop jlstm's LSTM runs with impl="auto": the C++ one, or why not.
+        "jlstm_native": native.unavailable_reason() or "available",
         "config": {k: v for k, v in vars(args).items()},
     }
 
@@ -638,6 +645,7 @@ def main(argv=None):
     print(
         f"{env['date']}  jax {jax.__version__} ({jax.default_backend()})  torch {torch.__version__}"
         f" ({args.torch_device}, {torch.get_num_threads()} threads)  {env['device']['cpu']}"
+        f"  jlstm.native: {env['jlstm_native']}"
     )
     results, start = [], time.perf_counter()
     for name in args.cases:

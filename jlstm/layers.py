@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jlstm import cells, recurrence
+from jlstm import cells, native, recurrence
 from jlstm import params as P
 
 
@@ -104,7 +104,7 @@ def _check_dropout(fn: str, dropout) -> None:
         )
 
 
-IMPLS = ("auto", "fused", "scan")
+IMPLS = ("auto", "native", "fused", "scan")
 
 
 def _check_impl(
@@ -117,6 +117,18 @@ def _check_impl(
             f"{fn}: impl='fused' (hand-written backward) covers LSTM without proj_size and GRU; "
             f"this is {'an RNN' if kind == 'rnn' else 'an LSTM with proj_size'}: use impl='auto'"
         )
+    if impl == "native":
+        if kind != "lstm" or structure.proj_size:
+            this = {"gru": "a GRU", "rnn": "an RNN"}.get(kind, "an LSTM with proj_size")
+            raise ValueError(
+                f"{fn}: impl='native' (the C++ CPU loop) covers LSTM without proj_size; "
+                f"this is {this}: use impl='auto'"
+            )
+        reason = native.unavailable_reason()
+        if reason is not None:
+            raise ValueError(
+                f"{fn}: impl='native' is not available here: {reason}; use impl='auto'"
+            )
     if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
         raise ValueError(
             f"{fn}: unroll must be an int >= 1 (time steps per loop iteration), got {unroll!r}"
@@ -155,10 +167,11 @@ def _vary_like(tree, *others):
     return jax.tree.map(cast, tree) if axes else tree
 
 
-def _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist=None):
-    """LSTM (without projection) or GRU on :mod:`jlstm.recurrence`, whose hand-written backward
-    forms the weight gradients in one matmul after the loop. ``hoist`` (default: by backend)
-    places the input projection, see there."""
+def _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist=None, impl="fused"):
+    """LSTM (without projection) or GRU with a hand-written backward that forms the weight
+    gradients in one matmul after the loop: on :mod:`jlstm.native` (the C++ loop, LSTM on CPU) when
+    ``impl`` is ``"native"``, or ``"auto"`` where it applies, else on :mod:`jlstm.recurrence`.
+    ``hoist`` (default: by backend) places the latter's input projection, see there."""
     bias, b_hn = cells.folded_biases(kind, w)
     zeros = jnp.zeros(w.w_hh.shape[:1], x.dtype)
     bias = zeros if bias is None else bias
@@ -169,6 +182,10 @@ def _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist=None):
     if hoist is None:
         # On XLA CPU the input projection runs faster inside the step (see jlstm.recurrence).
         hoist = jax.default_backend() != "cpu"
+    if kind == "lstm" and (impl == "native" or (impl == "auto" and native.applies(x))):
+        w_ih, w_hh, bias, x, carry = _vary_like((w_ih, w_hh, bias, x, carry))
+        ys, h, c = native.lstm_recurrence(w_ih, w_hh, bias, x, *carry, valid, reverse)
+        return (h, c), ys
     if kind == "lstm":
         w_ih, w_hh, bias, x, carry = _vary_like((w_ih, w_hh, bias, x, carry))
         ys, h, c = recurrence.lstm_recurrence(
@@ -224,7 +241,7 @@ def _direction(
     if impl != "scan" and (kind == "gru" or (kind == "lstm" and w.w_hr is None)):
 
         def run(carry, x, valid):
-            return _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist)
+            return _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist, impl)
 
         return _segmented(run, carry, x, valid, reverse, every)
     carry = _vary_like(carry, w, x)
@@ -316,6 +333,11 @@ def _run(
     length, batch = x.shape[:2]
     lengths = _check_lengths(fn, seq_lengths, length, batch, batched)
     dtype = jnp.result_type(x, structure.layers[0][0].w_hh)
+    if impl == "native" and (jax.default_backend() != "cpu" or dtype not in native.DTYPES):
+        raise ValueError(
+            f"{fn}: impl='native' runs float32 or float64 on the CPU backend; this call is "
+            f"{jnp.dtype(dtype).name} on {jax.default_backend()}: use impl='auto'"
+        )
     rows = structure.num_layers * structure.num_directions
     h_shape = (rows, batch, structure.output_size)
     if kind == "lstm":
@@ -373,9 +395,11 @@ def lstm(
       dropout: torch's dropout on the outputs of every layer but the last, applied only when ``key``
         is given (training); without a key the call is deterministic (``module.eval()``).
       key: a PRNG key for dropout.
-      impl: ``"auto"`` (default: the hand-written backward of :mod:`jlstm.recurrence` where it
-        applies, i.e. without ``proj_size``), ``"fused"`` to require it, or ``"scan"`` for plain
-        autodiff through ``lax.scan`` over the cell. All give torch's numbers.
+      impl: ``"auto"`` (default: the fastest path that applies), ``"native"`` for the C++ time
+        loop of :mod:`jlstm.native` (CPU, float32/float64, no ``proj_size``; auto's choice there),
+        ``"fused"`` for the ``lax.scan`` loop with the hand-written backward of
+        :mod:`jlstm.recurrence` (auto's choice elsewhere, without ``proj_size``), or ``"scan"``
+        for plain autodiff through ``lax.scan`` over the cell. All give torch's numbers.
       unroll: time steps per loop iteration (``lax.scan``'s ``unroll``); a speed knob only.
       checkpoint_every: memory knob for training on long sequences: the backward pass keeps the
         state every ``checkpoint_every`` steps and recomputes the steps in between

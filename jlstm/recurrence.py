@@ -50,8 +50,9 @@ def _backward_scan(step, carry, xs, valid, reverse, unroll):
 def _weight_grad(d, v):
     """``sum_t d_t^T v_t`` for ``d (L, N, G)``, ``v (L, N, K)`` as one ``(K, L*N) @ (L*N, G)`` GEMM
     with the large operand on the right, the layout XLA CPU runs fastest (a 3-D einsum makes it
-    transpose the whole buffer first)."""
-    return (v.reshape(-1, v.shape[-1]).T @ d.reshape(-1, d.shape[-1])).T
+    transpose the whole buffer first). The barrier keeps the final small transpose out of the dot:
+    fused into it, XLA CPU takes a slower GEMM (1.1-2.1x at these sizes, BENCHMARKS.md)."""
+    return lax.optimization_barrier(v.reshape(-1, v.shape[-1]).T @ d.reshape(-1, d.shape[-1])).T
 
 
 def _input_grads(dxw, x, w_ih):

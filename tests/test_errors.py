@@ -261,7 +261,8 @@ def test_pad_sequence_mismatched_trailing_shape():
 
 def test_unknown_impl():
     with pytest.raises(
-        ValueError, match=r"impl must be one of \('auto', 'fused', 'scan'\), got 'cudnn'"
+        ValueError,
+        match=r"impl must be one of \('auto', 'native', 'fused', 'scan'\), got 'cudnn'",
     ):
         jlstm.lstm(LSTM, X, impl="cudnn")
 
@@ -273,6 +274,32 @@ def test_fused_impl_not_available_for_projection():
         match=r"impl='fused' .* covers LSTM without proj_size and GRU; this is an LSTM with proj_size",
     ):
         jlstm.lstm(params, X, impl="fused")
+
+
+@pytest.mark.parametrize(
+    "fn,params,this",
+    [
+        (jlstm.gru, jlstm.init_gru(KEY, 4, 6), "a GRU"),
+        (jlstm.rnn, jlstm.init_rnn(KEY, 4, 6), "an RNN"),
+        (jlstm.lstm, jlstm.init_lstm(KEY, 4, 6, proj_size=2), "an LSTM with proj_size"),
+    ],
+    ids=["gru", "rnn", "proj"],
+)
+def test_native_impl_covers_plain_lstm_only(fn, params, this):
+    with pytest.raises(
+        ValueError,
+        match=rf"impl='native' \(the C\+\+ CPU loop\) covers LSTM without proj_size; this is {this}",
+    ):
+        fn(params, X, impl="native")
+
+
+def test_native_impl_needs_float32_or_float64():
+    params = jlstm.init_lstm(KEY, 4, 6, dtype=jnp.bfloat16)
+    with pytest.raises(
+        ValueError,
+        match=r"impl='native' runs float32 or float64 on the CPU backend; this call is bfloat16 on cpu",
+    ):
+        jlstm.lstm(params, X.astype(jnp.bfloat16), impl="native")
 
 
 @pytest.mark.parametrize("unroll", [0, 1.5, True], ids=str)

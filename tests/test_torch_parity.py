@@ -20,9 +20,18 @@ INPUTS = ("param.", "R.", "x", "h0", "c0", "lengths")
 CASES = [pytest.param(case, id=case.id) for case in cases.CASES]
 # float32 compiles everything a second time; a covering subset keeps every kind x feature.
 F32_CASES = [pytest.param(case, id=case.id) for case in cases.covering_subset(cases.CASES)]
+# LSTM layers have two fast paths: the C++ loop (jlstm.native, impl="auto" on CPU) and the lax.scan
+# loop with the hand-written backward (impl="fused", auto's choice on GPU/TPU). Both run the grid.
+LSTM_LAYERS = [c for c in CASES if c.values[0].base == "lstm" and not c.values[0].is_cell]
+FAST_PATHS = [
+    pytest.param(impl, case, id=f"{impl}-{case.id}")
+    for impl in ("native", "fused")
+    for (case,) in (c.values for c in LSTM_LAYERS)
+    if not case.proj_size
+]
 
 
-def _forward(case: cases.Case, params, x, state, lengths) -> dict:
+def _forward(case: cases.Case, params, x, state, lengths, impl) -> dict:
     """jlstm's outputs for `case`, named as in cases.output_names."""
     if case.is_cell:
         if case.base == "lstm":
@@ -32,7 +41,7 @@ def _forward(case: cases.Case, params, x, state, lengths) -> dict:
         return {"h": jlstm.rnn_cell(params, x, state, nonlinearity=case.nonlinearity)}
     kw = dict(batch_first=case.batch_first, seq_lengths=lengths)
     if case.base == "lstm":
-        output, (h_n, c_n) = jlstm.lstm(params, x, state, **kw)
+        output, (h_n, c_n) = jlstm.lstm(params, x, state, impl=impl, **kw)
         return {"output": output, "h_n": h_n, "c_n": c_n}
     if case.base == "gru":
         output, h_n = jlstm.gru(params, x, state, **kw)
@@ -41,10 +50,10 @@ def _forward(case: cases.Case, params, x, state, lengths) -> dict:
     return {"output": output, "h_n": h_n}
 
 
-@partial(jax.jit, static_argnames="case")
-def _outputs_and_grads(case: cases.Case, params, x, state, lengths, weights) -> dict:
+@partial(jax.jit, static_argnames=("case", "impl"))
+def _outputs_and_grads(case: cases.Case, params, x, state, lengths, weights, impl) -> dict:
     def loss(params, x, state):
-        outputs = _forward(case, params, x, state, lengths)
+        outputs = _forward(case, params, x, state, lengths, impl)
         return sum(jnp.sum(out * weights[k]) for k, out in outputs.items()), outputs
 
     (value, outputs), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
@@ -59,7 +68,7 @@ def _outputs_and_grads(case: cases.Case, params, x, state, lengths, weights) -> 
     return result
 
 
-def jlstm_reference(case: cases.Case, arrays: dict) -> dict[str, np.ndarray]:
+def jlstm_reference(case: cases.Case, arrays: dict, impl="auto") -> dict[str, np.ndarray]:
     """What cases.torch_reference returns, computed by jlstm (params through from_torch)."""
     params = jlstm.from_torch(
         {k.removeprefix("param."): v for k, v in arrays.items() if k.startswith("param.")}
@@ -70,7 +79,9 @@ def jlstm_reference(case: cases.Case, arrays: dict) -> dict[str, np.ndarray]:
     weights = {
         k.removeprefix("R."): jnp.asarray(v) for k, v in arrays.items() if k.startswith("R.")
     }
-    result = _outputs_and_grads(case, params, jnp.asarray(arrays["x"]), state, lengths, weights)
+    result = _outputs_and_grads(
+        case, params, jnp.asarray(arrays["x"]), state, lengths, weights, impl
+    )
     return {k: np.asarray(v) for k, v in result.items()}
 
 
@@ -113,6 +124,13 @@ def test_golden_covers_the_grid(golden):
 def test_golden_float64(golden, case):
     inputs, want = _split(golden[case.id])
     got = jlstm_reference(case, inputs)
+    assert_matches(got, want, np.float64, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("impl,case", FAST_PATHS)
+def test_golden_float64_each_lstm_path(golden, impl, case):
+    inputs, want = _split(golden[case.id])
+    got = jlstm_reference(case, inputs, impl)
     assert_matches(got, want, np.float64, rtol=1e-9, atol=1e-9)
 
 

@@ -1,0 +1,558 @@
+// The LSTM time loop for XLA CPU, as two XLA FFI custom calls (jlstm.native builds and loads it).
+//
+// XLA CPU runs a while loop's body on one core, and a step of a small LSTM is too little work for
+// its thread pool to split, so a jitted lax.scan uses one of the machine's cores. Here the time loop
+// runs in C++: each of T threads owns a contiguous block of hidden units, computes the four gates
+// of those units with one small GEMM per step (its own register-tiled kernel), updates their cells, and
+// meets the others at one barrier per step (the next step's GEMM reads every unit of h). This is how
+// oneDNN's fused RNN kernels use several cores on a sequential recurrence.
+//
+// The forward takes the input projection x_t W_ih^T + b of every step, computed before the loop as
+// one large GEMM by XLA, and saves the gate activations, c_t and tanh(c_t). The backward runs the
+// loop backwards and returns every step's gate gradients; XLA then forms dW_ih, dW_hh, db and dx as
+// whole-sequence GEMMs (jlstm.recurrence). Packed sequences: a step whose `valid` byte is 0 keeps
+// the carry (h, c) and passes (dh, dc) through, with zero gate gradients.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <immintrin.h>
+#include <sched.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+// glibc's vector math library (libmvec) has SIMD tanh; its headers announce it only under
+// -ffast-math, which would also let the compiler assume there are no NaNs. Announced here instead,
+// so the gate loops vectorise with IEEE semantics otherwise intact.
+extern "C" {
+__attribute__((simd("notinbranch"))) float tanhf(float) noexcept;
+__attribute__((simd("notinbranch"))) double tanh(double) noexcept;
+}
+
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// GEMM with a fixed right operand: C (m x n) = A (m x k, row-major) @ B (k x n).
+//
+// Every step multiplies by the same weights, so B is packed once per call into panels of two SIMD
+// vectors of columns (k x 2W each, W = 64 bytes / sizeof(T)), and an 8-row x 2W register tile runs
+// over k with one broadcast of A per row and two vector loads of B. At the sizes of a step (a few
+// dozen rows) this is about twice as fast as calling OpenBLAS, whose packing of A and B on every
+// call dominates. The large GEMMs before and after the loop are XLA's.
+
+template <typename T>
+struct VecOf;  // a 64-byte GCC vector of T (two AVX2 registers where there is no AVX-512)
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+template <typename T>
+class PackedB {
+ public:
+  static constexpr int kW = sizeof(Vec<T>) / sizeof(T);
+  static_assert(kW > 1, "Vec<T> must be a vector");
+  static constexpr int kNR = 2 * kW;
+
+  // B[r, col] = at(r, col) for r < k, col < n; zero-padded to whole panels. Rows [0, split) of B
+  // multiply the first left operand, rows [split, k) the second (see multiply).
+  template <typename At>
+  PackedB(int64_t k, int64_t n, int64_t split, At at)
+      : k_(k), n_(n), split_(split), data_(panels() * k * kNR, T(0)) {
+    for (int64_t col = 0; col < n; ++col)
+      for (int64_t r = 0; r < k; ++r) data_[(col / kNR * k + r) * kNR + col % kNR] = at(r, col);
+  }
+
+  int64_t panels() const { return (n_ + kNR - 1) / kNR; }
+
+  // C = [A1 A2] @ B for A1 (m x split) and A2 (m x (k - split)), each row-major with its own
+  // leading dimension (a step's x_t and h_{t-1}, without copying them side by side).
+  void multiply(int64_t m, const T* a1, int64_t lda1, const T* a2, int64_t lda2, T* c,
+                int64_t ldc) const {
+    using Tile = void (PackedB::*)(const T*, int64_t, const T*, int64_t, const T*, T*, int64_t,
+                                   int64_t) const;
+    static constexpr Tile tiles[] = {nullptr,        &PackedB::tile<1>, &PackedB::tile<2>,
+                                     &PackedB::tile<3>, &PackedB::tile<4>, &PackedB::tile<5>,
+                                     &PackedB::tile<6>, &PackedB::tile<7>, &PackedB::tile<8>};
+    for (int64_t p = 0; p < panels(); ++p) {
+      const T* bp = data_.data() + p * k_ * kNR;
+      const int64_t cols = std::min<int64_t>(kNR, n_ - p * kNR);
+      for (int64_t i = 0; i < m; i += 8)
+        (this->*tiles[std::min<int64_t>(8, m - i)])(a1 + i * lda1, lda1, a2 + i * lda2, lda2, bp,
+                                                    c + i * ldc + p * kNR, ldc, cols);
+    }
+  }
+
+ private:
+  // acc[i] += A[i, :] @ bp[rows] for A's rows i < MR: the register tile's inner loop.
+  template <int MR>
+  static void accumulate(Vec<T> (&acc)[MR][2], const T* a, int64_t lda, const T* bp,
+                         int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) {
+      Vec<T> b0, b1;
+      std::memcpy(&b0, bp + r * kNR, sizeof(b0));
+      std::memcpy(&b1, bp + r * kNR + kW, sizeof(b1));
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const T ai = a[i * lda + r];
+        acc[i][0] += ai * b0;
+        acc[i][1] += ai * b1;
+      }
+    }
+  }
+
+  template <int MR>
+  void tile(const T* a1, int64_t lda1, const T* a2, int64_t lda2, const T* bp, T* c, int64_t ldc,
+            int64_t cols) const {
+    Vec<T> acc[MR][2] = {};
+    accumulate<MR>(acc, a1, lda1, bp, split_);
+    accumulate<MR>(acc, a2, lda2, bp + split_ * kNR, k_ - split_);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      if (cols == kNR) {
+        std::memcpy(c + i * ldc, &acc[i][0], sizeof(acc[i][0]));
+        std::memcpy(c + i * ldc + kW, &acc[i][1], sizeof(acc[i][1]));
+      } else {
+        T row[kNR];
+        std::memcpy(row, acc[i], sizeof(row));
+        std::copy(row, row + cols, c + i * ldc);
+      }
+    }
+  }
+
+  int64_t k_, n_, split_;
+  std::vector<T> data_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Threads: a persistent pool (the caller is worker 0) and a spinning barrier.
+
+int available_cores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+int max_threads() {
+  static const int n = [] {
+    const char* env = std::getenv("JLSTM_NATIVE_THREADS");
+    int cores = available_cores();
+    return env != nullptr && std::atoi(env) > 0 ? std::atoi(env) : cores;
+  }();
+  return n;
+}
+
+inline void spin_pause(int& spins) {
+  if (++spins < 4096) {
+    _mm_pause();
+  } else {
+    std::this_thread::yield();  // oversubscribed (XLA's own threads are busy): let others run
+  }
+}
+
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    if (n_ == 1) return;
+    const int phase = phase_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      phase_.store(phase + 1, std::memory_order_release);
+      return;
+    }
+    int spins = 0;
+    while (phase_.load(std::memory_order_acquire) == phase) spin_pause(spins);
+  }
+
+ private:
+  const int n_;
+  std::atomic<int> arrived_{0};
+  std::atomic<int> phase_{0};
+};
+
+class Pool {
+ public:
+  // Runs job(k) for k in [0, n) on n threads, the caller being k = 0. A second caller while the
+  // pool is busy (XLA running two loops at once) runs its job on its own thread alone: n = 1.
+  int run(int n, const std::function<void(int, int)>& job) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || n <= 1) {
+      job(0, 1);
+      return 1;
+    }
+    grow(n - 1);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      threads_ = n;
+      pending_.store(n - 1, std::memory_order_relaxed);
+      ++generation_;
+    }
+    wake_.notify_all();
+    job(0, n);
+    int spins = 0;
+    while (pending_.load(std::memory_order_acquire) != 0) spin_pause(spins);
+    return n;
+  }
+
+ private:
+  void grow(int workers) {
+    while (static_cast<int>(workers_.size()) < workers) {
+      const int k = static_cast<int>(workers_.size()) + 1;
+      workers_.emplace_back([this, k] { loop(k); });
+      workers_.back().detach();
+    }
+  }
+
+  void loop(int k) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int, int)>* job;
+      int n;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        job = job_;
+        n = threads_;
+      }
+      if (k < n) {
+        (*job)(k, n);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::mutex busy_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int, int)>* job_ = nullptr;
+  int threads_ = 1;
+  uint64_t generation_ = 0;
+  std::atomic<int> pending_{0};
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: its detached workers outlive static teardown
+  return *p;
+}
+
+// How many threads for `hidden` units: each gets a block of at least 16 units (one AVX-512 vector
+// of floats), and no more threads than cores.
+int threads_for(int64_t hidden) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads(), hidden / 16)));
+}
+
+// Thread k's units [first, last) out of `hidden`, in blocks that are multiples of 16 but the last.
+void unit_range(int64_t hidden, int k, int n, int64_t& first, int64_t& last) {
+  const int64_t blocks = (hidden + 15) / 16;
+  first = std::min(hidden, blocks * k / n * 16);
+  last = std::min(hidden, blocks * (k + 1) / n * 16);
+}
+
+// ------------------------------------------------------------------------------------------------
+// LSTM
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(0.5) * std::tanh(T(0.5) * x) + T(0.5);
+}
+
+struct Sizes {
+  int64_t length, batch, input, hidden;
+  bool reverse, masked;
+  // The time index of the s-th step processed.
+  int64_t time(int64_t s) const { return reverse ? length - 1 - s : s; }
+};
+
+// Pointers into XLA's buffers, null where a call has no such buffer. Shapes: x (L, N, I); w_ih
+// (4H, I); w_hh (4H, H); bias (4H); h0, c0, c_n, dh_n, dc_n, dh0, dc0 (N, H); hs, cs, tcs, dys
+// (L, N, H); acts, dgates (L, N, 4H); valid (L, N) bytes when masked.
+template <typename T>
+struct Buffers {
+  const T *x, *w_ih, *w_hh, *bias, *h0, *c0;
+  const uint8_t* valid;
+  T *hs, *c_n, *cs, *tcs, *acts;                    // forward results
+  const T *dys, *dh_n, *dc_n;                       // backward inputs (with acts, cs, tcs)
+  T *dgates, *dh0, *dc0;                            // backward results
+};
+
+// The forward loop. Each step multiplies [x_t, h_{t-1}] by this thread's columns of
+// [W_ih W_hh]^T, so no (L, N, 4H) input projection is ever written to memory. Without `acts`
+// (inference) nothing is saved for the backward: c lives in a per-thread buffer and only c_n is
+// written; with it, every step's c, tanh(c) and gate activations are saved.
+template <typename T>
+void lstm_forward(const Sizes& z, const Buffers<T>& io) {
+  const int64_t N = z.batch, I = z.input, H = z.hidden, G = 4 * H;
+  const bool save = io.acts != nullptr;
+  const int n = threads_for(H);
+  Barrier barrier(n);
+  pool().run(n, [&](int k, int threads) {
+    Barrier* bar = threads == n ? &barrier : nullptr;  // alone when the pool was busy
+    int64_t u0, u1;
+    unit_range(H, k, threads, u0, u1);
+    const int64_t nu = u1 - u0;
+    // This thread's columns of [W_ih W_hh]^T, gate-major: column g*nu + j is gate row g*H + u0 + j.
+    const PackedB<T> wk(I + H, 4 * nu, I, [&](int64_t r, int64_t col) {
+      const int64_t gate_row = col / nu * H + u0 + col % nu;
+      return r < I ? io.w_ih[gate_row * I + r] : io.w_hh[gate_row * H + r - I];
+    });
+    std::vector<T> pre(N * 4 * nu), bias(4 * nu), c_own, tc_own, a_own;
+    for (int64_t g = 0; g < 4; ++g)
+      std::copy(io.bias + g * H + u0, io.bias + g * H + u1, bias.begin() + g * nu);
+    if (!save) {  // c of this thread's units, updated in place; scratch for tanh(c) and the gates
+      c_own.resize(N * nu);
+      tc_own.resize(N * nu);
+      a_own.resize(N * G);
+      for (int64_t b = 0; b < N; ++b)
+        std::copy(io.c0 + b * H + u0, io.c0 + b * H + u1, &c_own[b * nu]);
+    }
+    const T* bs = bias.data();
+    for (int64_t s = 0; s < z.length; ++s) {
+      const int64_t t = z.time(s);
+      const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
+      const T* c_prev = s == 0 ? io.c0 : io.cs + z.time(s - 1) * N * H;
+      if (nu > 0) wk.multiply(N, io.x + t * N * I, I, h_prev, H, pre.data(), 4 * nu);
+      for (int64_t b = 0; b < N; ++b) {
+        const int64_t row = t * N + b;
+        const T* p = pre.data() + b * 4 * nu;
+        const T* hp = h_prev + b * H + u0;
+        T* h = io.hs + row * H + u0;
+        // Saved: in the (L, N, ...) buffers; inference: c in place, the rest in scratch.
+        T* c = save ? io.cs + row * H + u0 : &c_own[b * nu];
+        const T* cp = save ? c_prev + b * H + u0 : c;
+        T* tc = save ? io.tcs + row * H + u0 : &tc_own[b * nu];
+        T* a = save ? io.acts + row * G + u0 : &a_own[b * G];
+        const bool keep = z.masked && !io.valid[row];
+        if (keep && !save) {  // the carry stays, nothing to compute
+          std::copy(hp, hp + nu, h);
+          continue;
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < nu; ++j) {
+          const T i = sigmoid(p[j] + bs[j]);
+          const T f = sigmoid(p[nu + j] + bs[nu + j]);
+          const T g = std::tanh(p[2 * nu + j] + bs[2 * nu + j]);
+          const T o = sigmoid(p[3 * nu + j] + bs[3 * nu + j]);
+          const T c_new = f * cp[j] + i * g;
+          const T tanh_c = std::tanh(c_new);
+          a[j] = i;
+          a[H + j] = f;
+          a[2 * H + j] = g;
+          a[3 * H + j] = o;
+          c[j] = c_new;
+          tc[j] = tanh_c;
+          h[j] = o * tanh_c;
+        }
+        if (keep) {
+          std::copy(cp, cp + nu, c);
+          std::copy(hp, hp + nu, h);
+        }
+      }
+      if (bar) bar->wait();
+    }
+    const int64_t last = z.time(z.length - 1);
+    for (int64_t b = 0; b < N; ++b) {
+      const T* c = save ? io.cs + (last * N + b) * H + u0 : &c_own[b * nu];
+      std::copy(c, c + nu, io.c_n + b * H + u0);
+    }
+  });
+}
+
+// The backward loop: every step's gate gradients, and dh0, dc0. Each thread owns the dh, dc of its
+// units; a step's dh_{t-1} for them is dgates_t (all units) @ W_hh[:, own units], after the barrier.
+template <typename T>
+void lstm_backward(const Sizes& z, const Buffers<T>& io) {
+  const int64_t N = z.batch, H = z.hidden, G = 4 * H;
+  const int n = threads_for(H);
+  Barrier barrier(n);
+  pool().run(n, [&](int k, int threads) {
+    Barrier* bar = threads == n ? &barrier : nullptr;
+    int64_t u0, u1;
+    unit_range(H, k, threads, u0, u1);
+    const int64_t nu = u1 - u0;
+    const PackedB<T> wk(G, nu, G, [&](int64_t r, int64_t j) { return io.w_hh[r * H + u0 + j]; });
+    std::vector<T> dh(N * nu), dc(N * nu), dh_prev(N * nu);
+    for (int64_t b = 0; b < N; ++b) {
+      std::copy(io.dh_n + b * H + u0, io.dh_n + b * H + u1, &dh[b * nu]);
+      std::copy(io.dc_n + b * H + u0, io.dc_n + b * H + u1, &dc[b * nu]);
+    }
+    for (int64_t s = z.length - 1; s >= 0; --s) {
+      const int64_t t = z.time(s);
+      const T* c_prev = s == 0 ? io.c0 : io.cs + z.time(s - 1) * N * H;
+      for (int64_t b = 0; b < N; ++b) {
+        const int64_t row = t * N + b;
+        T* dg = io.dgates + row * G + u0;
+        if (z.masked && !io.valid[row]) {  // carry passed through, no gate gradients
+          for (int64_t q = 0; q < 4; ++q) std::fill(dg + q * H, dg + q * H + nu, T(0));
+          continue;
+        }
+        const T* a = io.acts + row * G + u0;
+        const T* tc = io.tcs + row * H + u0;
+        const T* dy = io.dys + row * H + u0;
+        const T* cp = c_prev + b * H + u0;
+        T* dhb = dh.data() + b * nu;
+        T* dcb = dc.data() + b * nu;
+#pragma omp simd
+        for (int64_t j = 0; j < nu; ++j) {
+          const T i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+          const T dh_total = dhb[j] + dy[j];
+          const T dc_total = dcb[j] + dh_total * o * (T(1) - tc[j] * tc[j]);
+          dg[j] = dc_total * g * i * (T(1) - i);
+          dg[H + j] = dc_total * cp[j] * f * (T(1) - f);
+          dg[2 * H + j] = dc_total * i * (T(1) - g * g);
+          dg[3 * H + j] = dh_total * tc[j] * o * (T(1) - o);
+          dcb[j] = dc_total * f;
+        }
+      }
+      if (bar) bar->wait();  // every unit's gate gradients of step t are written
+      const T* dgates_t = io.dgates + t * N * G;
+      if (nu > 0) wk.multiply(N, dgates_t, G, dgates_t + G, G, dh_prev.data(), nu);
+      for (int64_t b = 0; b < N; ++b)
+        if (!z.masked || io.valid[t * N + b])
+          std::copy(&dh_prev[b * nu], &dh_prev[(b + 1) * nu], &dh[b * nu]);
+    }
+    for (int64_t b = 0; b < N; ++b) {
+      std::copy(&dh[b * nu], &dh[(b + 1) * nu], io.dh0 + b * H + u0);
+      std::copy(&dc[b * nu], &dc[(b + 1) * nu], io.dc0 + b * H + u0);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// FFI handlers: decode, dispatch on the dtype, run.
+
+template <typename T>
+const T* in(const ffi::AnyBuffer& b) {
+  return b.typed_data<T>();
+}
+
+template <typename T>
+T* out(ffi::Result<ffi::AnyBuffer>& b) {
+  return b->typed_data<T>();
+}
+
+// Runs run.template operator()<T>() for T the float type of `dtype`.
+template <typename Run>
+ffi::Error by_dtype(ffi::DataType dtype, Run run) {
+  switch (dtype) {
+    case ffi::F32:
+      run.template operator()<float>();
+      return ffi::Error::Success();
+    case ffi::F64:
+      run.template operator()<double>();
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("jlstm native LSTM: float32 or float64 only");
+  }
+}
+
+Sizes sizes_of(const ffi::AnyBuffer& x, const ffi::AnyBuffer& h0, int64_t reverse,
+               int64_t masked) {
+  const auto d = x.dimensions();
+  return Sizes{d[0], d[1], d[2], h0.dimensions()[1], reverse != 0, masked != 0};
+}
+
+ffi::Error LstmForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh,
+                           ffi::AnyBuffer bias, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
+                           ffi::Buffer<ffi::U8> valid, int64_t reverse, int64_t masked,
+                           ffi::Result<ffi::AnyBuffer> hs, ffi::Result<ffi::AnyBuffer> c_n,
+                           ffi::Result<ffi::AnyBuffer> cs, ffi::Result<ffi::AnyBuffer> tcs,
+                           ffi::Result<ffi::AnyBuffer> acts) {
+  return by_dtype(x.element_type(), [&]<typename T>() {
+    lstm_forward<T>(sizes_of(x, h0, reverse, masked),
+                    {in<T>(x), in<T>(w_ih), in<T>(w_hh), in<T>(bias), in<T>(h0), in<T>(c0),
+                     valid.typed_data(), out<T>(hs), out<T>(c_n), out<T>(cs), out<T>(tcs),
+                     out<T>(acts)});
+  });
+}
+
+ffi::Error LstmInferenceImpl(ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh,
+                             ffi::AnyBuffer bias, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
+                             ffi::Buffer<ffi::U8> valid, int64_t reverse, int64_t masked,
+                             ffi::Result<ffi::AnyBuffer> hs, ffi::Result<ffi::AnyBuffer> c_n) {
+  return by_dtype(x.element_type(), [&]<typename T>() {
+    lstm_forward<T>(sizes_of(x, h0, reverse, masked),
+                    {in<T>(x), in<T>(w_ih), in<T>(w_hh), in<T>(bias), in<T>(h0), in<T>(c0),
+                     valid.typed_data(), out<T>(hs), out<T>(c_n)});
+  });
+}
+
+// Inputs: w_hh, acts, cs, tcs, c0, dys, dh_n, dc_n; `x` only gives the sizes.
+ffi::Error LstmBackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w_hh, ffi::AnyBuffer acts,
+                            ffi::AnyBuffer cs, ffi::AnyBuffer tcs, ffi::AnyBuffer c0,
+                            ffi::AnyBuffer dys, ffi::AnyBuffer dh_n, ffi::AnyBuffer dc_n,
+                            ffi::Buffer<ffi::U8> valid, int64_t reverse, int64_t masked,
+                            ffi::Result<ffi::AnyBuffer> dgates, ffi::Result<ffi::AnyBuffer> dh0,
+                            ffi::Result<ffi::AnyBuffer> dc0) {
+  return by_dtype(acts.element_type(), [&]<typename T>() {
+    Buffers<T> io{};
+    io.w_hh = in<T>(w_hh), io.c0 = in<T>(c0), io.valid = valid.typed_data();
+    io.acts = const_cast<T*>(in<T>(acts));  // read only: the backward never writes them
+    io.cs = const_cast<T*>(in<T>(cs));
+    io.tcs = const_cast<T*>(in<T>(tcs));
+    io.dys = in<T>(dys), io.dh_n = in<T>(dh_n), io.dc_n = in<T>(dc_n);
+    io.dgates = out<T>(dgates), io.dh0 = out<T>(dh0), io.dc0 = out<T>(dc0);
+    lstm_backward<T>(sizes_of(x, c0, reverse, masked), io);
+  });
+}
+
+}  // namespace
+
+#define JLSTM_FORWARD_ARGS                      \
+  ffi::Ffi::Bind()                              \
+      .Arg<ffi::AnyBuffer>() /* x */            \
+      .Arg<ffi::AnyBuffer>() /* w_ih */         \
+      .Arg<ffi::AnyBuffer>() /* w_hh */         \
+      .Arg<ffi::AnyBuffer>() /* bias */         \
+      .Arg<ffi::AnyBuffer>() /* h0 */           \
+      .Arg<ffi::AnyBuffer>() /* c0 */           \
+      .Arg<ffi::Buffer<ffi::U8>>() /* valid */  \
+      .Attr<int64_t>("reverse")                 \
+      .Attr<int64_t>("masked")                  \
+      .Ret<ffi::AnyBuffer>() /* hs */           \
+      .Ret<ffi::AnyBuffer>() /* c_n */
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmForward, LstmForwardImpl,
+                              JLSTM_FORWARD_ARGS
+                                  .Ret<ffi::AnyBuffer>()    // cs
+                                  .Ret<ffi::AnyBuffer>()    // tanh(cs)
+                                  .Ret<ffi::AnyBuffer>());  // gate activations
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmInference, LstmInferenceImpl, JLSTM_FORWARD_ARGS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmBackward, LstmBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // w_hh
+                                  .Arg<ffi::AnyBuffer>()  // gate activations
+                                  .Arg<ffi::AnyBuffer>()  // cs
+                                  .Arg<ffi::AnyBuffer>()  // tanh(cs)
+                                  .Arg<ffi::AnyBuffer>()  // c0
+                                  .Arg<ffi::AnyBuffer>()  // dys
+                                  .Arg<ffi::AnyBuffer>()  // dh_n
+                                  .Arg<ffi::AnyBuffer>()  // dc_n
+                                  .Arg<ffi::Buffer<ffi::U8>>()  // valid
+                                  .Attr<int64_t>("reverse")
+                                  .Attr<int64_t>("masked")
+                                  .Ret<ffi::AnyBuffer>()  // dgates
+                                  .Ret<ffi::AnyBuffer>()  // dh0
+                                  .Ret<ffi::AnyBuffer>());  // dc0

@@ -1,0 +1,229 @@
+"""The LSTM time loop on XLA CPU as a C++ custom call that runs each step on every core.
+
+XLA CPU runs a ``lax.scan`` body on one core: a step of a small LSTM is too little work for its
+thread pool. ``csrc/recurrence.cc`` runs the loop in C++ instead, splitting the hidden units over
+threads with one small GEMM per thread and step and one barrier per step, as oneDNN does (see the
+file's header). This module compiles it on first use with the machine's C++ compiler against
+JAX's FFI headers (nothing else), caches the library under
+``$JLSTM_CACHE`` (default ``~/.cache/jlstm``), registers it with XLA, and wraps it as
+:func:`lstm_recurrence`, the same function as :func:`jlstm.recurrence.lstm_recurrence` with the
+same hand-written backward around it (whole-sequence weight-gradient GEMMs after the loop).
+
+``python -m jlstm.native`` builds it and reports; :func:`available` says whether it can be used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlstm.recurrence import _input_grads, _weight_grad
+
+SOURCE = Path(__file__).parent / "csrc" / "recurrence.cc"
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd")
+FLAGS += ("-std=c++20", "-shared", "-fPIC", "-pthread")
+DTYPES = (jnp.float32, jnp.float64)
+
+
+class NativeUnavailable(RuntimeError):
+    """The C++ recurrence could not be built or loaded; the message says why."""
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _library_path() -> Path:
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), jax.ffi.include_dir().encode()):
+        key.update(part)
+    key.update(f"{jax.__version__} {_cpu_id()}".encode())
+    cache = Path(os.environ.get("JLSTM_CACHE", Path.home() / ".cache" / "jlstm"))
+    return cache / f"recurrence-{key.hexdigest()[:16]}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compiles ``csrc/recurrence.cc`` into the cache (once per source, flags, JAX and CPU) and
+    returns the library's path. Raises :class:`NativeUnavailable` with the reason."""
+    out = _library_path()
+    if out.exists():
+        return out
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise NativeUnavailable(f"no C++ compiler ({compiler!r}) on PATH to build the native LSTM")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        partial = Path(tmp) / out.name
+        cmd = [
+            compiler,
+            *FLAGS,
+            f"-I{jax.ffi.include_dir()}",
+            str(SOURCE),
+            "-lmvec",
+            "-o",
+            str(partial),
+        ]
+        if verbose:
+            print(" ".join(cmd), file=sys.stderr)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise NativeUnavailable(f"building {SOURCE.name} failed:\n{done.stderr[-4000:]}")
+        os.replace(partial, out)  # atomic: concurrent builders (test workers) all end up valid
+    return out
+
+
+@functools.cache
+def _load() -> None:
+    library = ctypes.CDLL(str(build()))
+    for name in ("Forward", "Inference", "Backward"):
+        target = jax.ffi.pycapsule(getattr(library, f"JlstmLstm{name}"))
+        jax.ffi.register_ffi_target(f"jlstm_lstm_{name.lower()}", target, platform="cpu")
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None if the native LSTM is built and registered, else why not (built on first call)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"the native LSTM is built for Linux x86-64 only, this is {platform.platform()}"
+    try:
+        _load()
+    except (NativeUnavailable, OSError) as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    """Whether :func:`lstm_recurrence` can run here (builds the library on the first call)."""
+    return unavailable_reason() is None
+
+
+def applies(x: jax.Array) -> bool:
+    """Whether ``impl="auto"`` takes the native loop for an LSTM direction over ``x``: on XLA CPU,
+    in float32 or float64, with a non-empty sequence, and the library available."""
+    return (
+        jax.default_backend() == "cpu"
+        and x.dtype in DTYPES
+        and x.shape[0] > 0
+        and os.environ.get("JLSTM_NATIVE", "1") != "0"
+        and available()
+    )
+
+
+def _valid_bytes(valid):
+    """``valid (L, N, 1)`` bool as the ``(L, N)`` bytes the kernel reads; a 1-byte dummy if None."""
+    if valid is None:
+        return jnp.zeros((1,), jnp.uint8)
+    return valid[..., 0].astype(jnp.uint8)
+
+
+def _like(shape, ref) -> jax.ShapeDtypeStruct:
+    """A result of ``shape`` in ``ref``'s dtype, varying over ``ref``'s ``shard_map`` axes (the
+    layer made every operand vary alike, :func:`jlstm.layers._vary_like`)."""
+    aval = jax.typeof(ref)
+    if aval.manual_axis_type.empty:
+        return jax.ShapeDtypeStruct(shape, ref.dtype)
+    sharding = jax.sharding.NamedSharding(aval.sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.ShapeDtypeStruct(
+        shape, ref.dtype, sharding=sharding, manual_axis_type=aval.manual_axis_type
+    )
+
+
+def _call(name, outs, *args, valid, reverse):
+    return jax.ffi.ffi_call(f"jlstm_lstm_{name}", outs, vmap_method="sequential")(
+        *args,
+        _valid_bytes(valid),
+        reverse=np.int64(reverse),
+        masked=np.int64(valid is not None),
+    )
+
+
+def _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
+    """The loop (each step's input projection inside it). With ``save``, also what the backward
+    needs."""
+    _load()
+    length, batch, hidden = x.shape[0], x.shape[1], h0.shape[-1]
+    seq, state, gates = (
+        _like(shape, x)
+        for shape in ((length, batch, hidden), (batch, hidden), (length, batch, 4 * hidden))
+    )
+    outs = (seq, state, seq, seq, gates) if save else (seq, state)
+    hs, c_n, *saved = _call(
+        "forward" if save else "inference",
+        outs,
+        *(x, w_ih, w_hh, bias, h0, c0),
+        valid=valid,
+        reverse=reverse,
+    )
+    ys = hs if valid is None else jnp.where(valid, hs, jnp.zeros_like(hs))
+    return (ys, hs[0] if reverse else hs[-1], c_n), (hs, *saved)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def lstm_recurrence(w_ih, w_hh, bias, x, h0, c0, valid, reverse=False):
+    """``(ys, h_n, c_n)`` of one LSTM direction without projection, as
+    :func:`jlstm.recurrence.lstm_recurrence` (same arguments, no ``unroll``/``hoist``)."""
+    return _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save=False)[0]
+
+
+def _fwd(w_ih, w_hh, bias, x, h0, c0, valid, reverse):
+    out, saved = _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save=True)
+    return out, (w_ih, w_hh, x, h0, c0, valid, saved)
+
+
+def _bwd(reverse, residuals, cotangents):
+    w_ih, w_hh, x, h0, c0, valid, (hs, cs, tcs, acts) = residuals
+    dys, dh_n, dc_n = cotangents
+    dgates, dh0, dc0 = _call(
+        "backward",
+        tuple(_like(a.shape, x) for a in (acts, h0, c0)),
+        x,
+        w_hh,
+        acts,
+        cs,
+        tcs,
+        c0,
+        dys,
+        dh_n,
+        dc_n,
+        valid=valid,
+        reverse=reverse,
+    )
+    # h_{t-1} of every step, in time order: h0 sits before the first step processed.
+    hs_prev = (
+        jnp.concatenate([hs[1:], h0[None]]) if reverse else jnp.concatenate([h0[None], hs[:-1]])
+    )
+    dw_ih, dbias, dx = _input_grads(dgates, x, w_ih)
+    return dw_ih, _weight_grad(dgates, hs_prev), dbias, dx, dh0, dc0, None
+
+
+lstm_recurrence.defvjp(_fwd, _bwd)
+
+
+def main() -> None:
+    """``python -m jlstm.native``: build (if needed), load, and say where the library is."""
+    reason = unavailable_reason()
+    if reason is not None:
+        sys.exit(f"jlstm.native: unavailable: {reason}")
+    print(f"jlstm.native: {_library_path()}")
+
+
+if __name__ == "__main__":
+    main()
