@@ -93,9 +93,10 @@ def build(verbose: bool = False) -> Path:
 @functools.cache
 def _load() -> None:
     library = ctypes.CDLL(str(build()))
-    for name in ("Forward", "Inference", "Backward"):
-        target = jax.ffi.pycapsule(getattr(library, f"JlstmLstm{name}"))
-        jax.ffi.register_ffi_target(f"jlstm_lstm_{name.lower()}", target, platform="cpu")
+    for name in ("forward", "inference", "backward", "backward_gates"):
+        symbol = "JlstmLstm" + name.title().replace("_", "")
+        target = jax.ffi.pycapsule(getattr(library, symbol))
+        jax.ffi.register_ffi_target(f"jlstm_lstm_{name}", target, platform="cpu")
 
 
 @functools.cache
@@ -188,24 +189,39 @@ def _fwd(w_ih, w_hh, bias, x, h0, c0, valid, reverse):
     return out, (w_ih, w_hh, x, h0, c0, valid, saved)
 
 
+# A thread's rows of the weight gradients (4H/threads x (I + H)) are summed inside the backward loop
+# up to this many bytes; beyond, the loop hands out every step's gate gradients and XLA forms the
+# weight gradients as large GEMMs on every core. Measured on this project's 2-core CPU
+# (experiments/prototypes/knobs.py weights): in the loop, mnist (47 KB of rows per thread) and long
+# (196 KB) train about 1.5x faster, medium (up to 1.5 MB) the same, wide (12.6 MB, rows streamed
+# from memory every step) 1.1-1.3x slower.
+WEIGHTS_IN_LOOP_BYTES = 2 * 1024 * 1024
+
+
+def _threads() -> int:
+    env = os.environ.get("JLSTM_NATIVE_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+
+
+def weights_in_loop(x, w_hh) -> bool:
+    """Whether the backward loop forms the weight gradients itself (see WEIGHTS_IN_LOOP_BYTES)."""
+    gates, hidden = w_hh.shape
+    rows = gates / min(_threads(), max(1, hidden // 16))
+    return rows * (x.shape[-1] + hidden) * x.dtype.itemsize <= WEIGHTS_IN_LOOP_BYTES
+
+
 def _bwd(reverse, residuals, cotangents):
     w_ih, w_hh, x, h0, c0, valid, (hs, cs, tcs, acts) = residuals
     dys, dh_n, dc_n = cotangents
-    dgates, dh0, dc0 = _call(
-        "backward",
-        tuple(_like(a.shape, x) for a in (acts, h0, c0)),
-        x,
-        w_hh,
-        acts,
-        cs,
-        tcs,
-        c0,
-        dys,
-        dh_n,
-        dc_n,
-        valid=valid,
-        reverse=reverse,
-    )
+    inputs = (x, w_ih, w_hh, acts, cs, tcs, hs, h0, c0, dys, dh_n, dc_n)
+    if weights_in_loop(x, w_hh):
+        outs = tuple(_like(a.shape, x) for a in (x, w_ih, w_hh, w_hh[:, 0], h0, c0))
+        dx, dw_ih, dw_hh, dbias, dh0, dc0 = _call(
+            "backward", outs, *inputs, valid=valid, reverse=reverse
+        )
+        return dw_ih, dw_hh, dbias, dx, dh0, dc0, None
+    outs = tuple(_like(a.shape, x) for a in (acts, h0, c0))
+    dgates, dh0, dc0 = _call("backward_gates", outs, *inputs, valid=valid, reverse=reverse)
     # h_{t-1} of every step, in time order: h0 sits before the first step processed.
     hs_prev = (
         jnp.concatenate([hs[1:], h0[None]]) if reverse else jnp.concatenate([h0[None], hs[:-1]])

@@ -59,11 +59,30 @@ def test_auto_takes_the_native_loop_on_cpu():
 SIZES = [(1, 1, 1, 1), (4, 9, 3, 15), (3, 2, 5, 16), (5, 3, 1, 17), (6, 17, 7, 33), (2, 8, 4, 100)]
 
 
+@pytest.fixture(params=["weights-in-loop", "gates-out"])
+def backward(request, monkeypatch):
+    """Both ways the backward kernel can end: weight gradients summed in the loop, or every step's
+    gate gradients handed to XLA (jlstm.native.WEIGHTS_IN_LOOP_BYTES chooses by size)."""
+    limit = native.WEIGHTS_IN_LOOP_BYTES if request.param == "weights-in-loop" else 0
+    monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_BYTES", limit)
+    jax.clear_caches()  # the layer stack is jitted: retrace with the setting
+    yield request.param
+    jax.clear_caches()
+
+
+def test_each_backward_is_taken(backward):
+    params, x, state = _problem(3, 2, 4, 5, jnp.float32)
+    loss = lambda p: jnp.sum(jlstm.lstm(p, x, state)[0])  # noqa: E731
+    text = jax.jit(jax.grad(loss)).lower(params).as_text()
+    assert ("jlstm_lstm_backward_gates" in text) == (backward == "gates-out")
+    assert "jlstm_lstm_backward" in text
+
+
 @pytest.mark.parametrize(
     "dtype,tol", [(jnp.float64, 1e-12), (jnp.float32, 2e-5)], ids=["f64", "f32"]
 )
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "L{}-N{}-I{}-H{}".format(*s))
-def test_native_matches_the_scan_path(size, dtype, tol):
+def test_native_matches_the_scan_path(size, dtype, tol, backward):
     length, batch, inp, hidden = size
     params, x, state = _problem(length, batch, inp, hidden, dtype, layers=2, bidirectional=True)
     lengths = jnp.arange(batch) % (length + 1)  # 0 (state passes through) up to full length

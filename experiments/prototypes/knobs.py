@@ -5,6 +5,8 @@
         input projection inside each step (the CPU default) vs hoisted out of the loop
     python -m experiments.prototypes.knobs checkpoint long,long-8k,medium
         checkpoint_every None (the default) vs 8, 16, 32; adds XLA's temp MiB of the train step
+    python -m experiments.prototypes.knobs weights mnist,medium,long,wide
+        jlstm.native's backward: weight gradients summed in the loop vs gate gradients to XLA
 
 Every variant's outputs and gradients are checked against the default's before timing. "train" is
 the gradient of sum(output * cotangent) w.r.t. the parameters and the input.
@@ -20,17 +22,18 @@ import jax.numpy as jnp
 import jlstm
 from experiments.bench import CASES, Case
 from experiments.prototypes.common import rel_err, report, round_robin
-from jlstm import layers
+from jlstm import layers, native
 
 EXTRA_CASES = {"long-8k": Case("lstm", 8, 8192, 32, 64, 1, False)}
 
 
 def _with_hoist(hoist):
-    """While tracing, the fused path places the input projection as ``hoist`` says."""
+    """While tracing, the fused path (the lax.scan loop; the C++ loop has no such choice) places
+    the input projection as ``hoist`` says."""
     original = layers._recurrence
 
-    def recurrence(kind, w, x, carry, valid, reverse, unroll, _hoist=None):
-        return original(kind, w, x, carry, valid, reverse, unroll, hoist)
+    def recurrence(kind, w, x, carry, valid, reverse, unroll, _hoist=None, _impl=None):
+        return original(kind, w, x, carry, valid, reverse, unroll, hoist, "fused")
 
     return mock.patch.object(layers, "_recurrence", recurrence)
 
@@ -43,7 +46,12 @@ def variants(experiment):
     if experiment == "checkpoint":
         out = {"checkpoint_every=None": (none, {})}
         return out | {f"checkpoint_every={k}": (none, {"checkpoint_every": k}) for k in (8, 16, 32)}
-    raise SystemExit(f"unknown experiment {experiment!r}; choose hoist or checkpoint")
+    if experiment == "weights":
+        return {
+            "in the loop": (mock.patch.object(native, "WEIGHTS_IN_LOOP_BYTES", 2**62), {}),
+            "gates to XLA": (mock.patch.object(native, "WEIGHTS_IN_LOOP_BYTES", 0), {}),
+        }
+    raise SystemExit(f"unknown experiment {experiment!r}; choose hoist, checkpoint or weights")
 
 
 def main(experiment, names):

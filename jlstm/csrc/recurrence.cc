@@ -140,6 +140,54 @@ class PackedB {
   std::vector<T> data_;
 };
 
+// C (m x n) += A^T B for A (k x m) with row stride lda, B (k x n) row-major with n a whole number
+// of 2W-wide panels: the weight-gradient update of one step, sum over the batch rows b of
+// dgates[b, rows] (x) [x_t, h_{t-1}][b, :], accumulated in registers tile by tile.
+template <typename T>
+class OuterAccumulate {
+ public:
+  static constexpr int kW = PackedB<T>::kW;
+  static constexpr int kNR = PackedB<T>::kNR;
+
+  static void run(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+                  int64_t ldb, T* c, int64_t ldc) {
+    using Tile = void (*)(int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t);
+    static constexpr Tile tiles[] = {nullptr, &tile<1>, &tile<2>, &tile<3>, &tile<4>,
+                                     &tile<5>, &tile<6>, &tile<7>, &tile<8>};
+    for (int64_t p = 0; p < n; p += kNR)
+      for (int64_t i = 0; i < m; i += 8)
+        tiles[std::min<int64_t>(8, m - i)](k, a + i, lda, b + p, ldb, c + i * ldc + p, ldc);
+  }
+
+ private:
+  template <int MR>
+  static void tile(int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                   int64_t ldc) {
+    Vec<T> acc[MR][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      std::memcpy(&acc[i][0], c + i * ldc, sizeof(acc[i][0]));
+      std::memcpy(&acc[i][1], c + i * ldc + kW, sizeof(acc[i][1]));
+    }
+    for (int64_t r = 0; r < k; ++r) {
+      Vec<T> b0, b1;
+      std::memcpy(&b0, b + r * ldb, sizeof(b0));
+      std::memcpy(&b1, b + r * ldb + kW, sizeof(b1));
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const T ai = a[r * lda + i];
+        acc[i][0] += ai * b0;
+        acc[i][1] += ai * b1;
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      std::memcpy(c + i * ldc, &acc[i][0], sizeof(acc[i][0]));
+      std::memcpy(c + i * ldc + kW, &acc[i][1], sizeof(acc[i][1]));
+    }
+  }
+};
+
 // ------------------------------------------------------------------------------------------------
 // Threads: a team formed from XLA's own intra-op thread pool (the caller is member 0), and a
 // spinning barrier.
@@ -268,15 +316,16 @@ struct Sizes {
 };
 
 // Pointers into XLA's buffers, null where a call has no such buffer. Shapes: x (L, N, I); w_ih
-// (4H, I); w_hh (4H, H); bias (4H); h0, c0, c_n, dh_n, dc_n, dh0, dc0 (N, H); hs, cs, tcs, dys
-// (L, N, H); acts, dgates (L, N, 4H); valid (L, N) bytes when masked.
+// (4H, I), dw_ih (4H, I); w_hh, dw_hh (4H, H); bias, db (4H); h0, c0, c_n, dh_n, dc_n, dh0, dc0
+// (N, H); hs, cs, tcs, dys (L, N, H); dx (L, N, I); acts (L, N, 4H); valid (L, N) bytes when
+// masked.
 template <typename T>
 struct Buffers {
   const T *x, *w_ih, *w_hh, *bias, *h0, *c0;
   const uint8_t* valid;
   T *hs, *c_n, *cs, *tcs, *acts;                    // forward results
-  const T *dys, *dh_n, *dc_n;                       // backward inputs (with acts, cs, tcs)
-  T *dgates, *dh0, *dc0;                            // backward results
+  const T *dys, *dh_n, *dc_n;                       // backward inputs (with acts, cs, tcs, hs)
+  T *dx, *dw_ih, *dw_hh, *db, *dgates, *dh0, *dc0;  // backward results (dgates or the rest)
 };
 
 // The forward loop. Each step multiplies [x_t, h_{t-1}] by this thread's columns of
@@ -360,19 +409,35 @@ void lstm_forward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
   });
 }
 
-// The backward loop: every step's gate gradients, and dh0, dc0. Each thread owns the dh, dc of its
-// units; a step's dh_{t-1} for them is dgates_t (all units) @ W_hh[:, own units], after the barrier.
+// The backward loop. Thread k owns the dh, dc of its units. A step: the gate gradients of its
+// units (elementwise); after the barrier, when every unit's gate gradients are in, dh_{t-1} of its
+// units (dgates_t @ W_hh[:, own]). Then one of two ways to the rest:
+// - weights in the loop (io.dw_ih given): thread k also owns the rows of its units' gates in the
+//   weight gradients and adds each step into them (dgates[:, own]^T [x_t, h_{t-1}]), and forms
+//   its block of dx_t's columns (dgates_t @ W_ih[:, block]); no (L, N, 4H) buffer of gate
+//   gradients is written, two step buffers take turns. Pays while a thread's rows of the weight
+//   gradients stay in its core's cache (jlstm.native chooses).
+// - gate gradients out (io.dgates given): every step's gate gradients go to io.dgates, and XLA
+//   forms dW, db and dx as whole-sequence GEMMs on every core (large layers).
 template <typename T>
 void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
-  const int64_t N = z.batch, H = z.hidden, G = 4 * H;
+  const int64_t N = z.batch, I = z.input, H = z.hidden, G = 4 * H, K = I + H;
+  const int64_t KP = (K + PackedB<T>::kNR - 1) / PackedB<T>::kNR * PackedB<T>::kNR;
   const int n = threads_for(H);
+  const bool in_loop = io.dw_ih != nullptr;
+  std::vector<T> step_dgates(in_loop ? 2 * N * G : 0);  // the last two steps' gate gradients
   Barrier barrier;
-  run_team(pool, n, 8.0 * z.length * N * G * H, [&](int k, int threads) {
-    int64_t u0, u1;
+  run_team(pool, n, 8.0 * z.length * N * G * (K + H), [&](int k, int threads) {
+    int64_t u0, u1, x0, x1;
     unit_range(H, k, threads, u0, u1);
-    const int64_t nu = u1 - u0;
-    const PackedB<T> wk(G, nu, G, [&](int64_t r, int64_t j) { return io.w_hh[r * H + u0 + j]; });
-    std::vector<T> dh(N * nu), dc(N * nu), dh_prev(N * nu);
+    unit_range(I, k, threads, x0, x1);  // this thread's block of dx's columns
+    const int64_t nu = u1 - u0, nx = in_loop ? x1 - x0 : 0;
+    const PackedB<T> w_hh_own(G, nu, G, [&](int64_t r, int64_t j) { return io.w_hh[r * H + u0 + j]; });
+    const PackedB<T> w_ih_own(G, nx, G, [&](int64_t r, int64_t j) { return io.w_ih[r * I + x0 + j]; });
+    // dh, dc of this thread's units; the GEMM's dh_{t-1}; [x_t, h_{t-1}] zero-padded to KP columns;
+    // this thread's rows of [dW_ih dW_hh] (gate-major, KP columns) and of db.
+    std::vector<T> dh(N * nu), dc(N * nu), dh_prev(N * nu), v(in_loop ? N * KP : 0, T(0));
+    std::vector<T> dw(in_loop ? 4 * nu * KP : 0, T(0)), db(4 * nu, T(0));
     for (int64_t b = 0; b < N; ++b) {
       std::copy(io.dh_n + b * H + u0, io.dh_n + b * H + u1, &dh[b * nu]);
       std::copy(io.dc_n + b * H + u0, io.dc_n + b * H + u1, &dc[b * nu]);
@@ -380,9 +445,11 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
     for (int64_t s = z.length - 1; s >= 0; --s) {
       const int64_t t = z.time(s);
       const T* c_prev = s == 0 ? io.c0 : io.cs + z.time(s - 1) * N * H;
+      const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
+      T* dgates = in_loop ? step_dgates.data() + (s % 2) * N * G : io.dgates + t * N * G;
       for (int64_t b = 0; b < N; ++b) {
         const int64_t row = t * N + b;
-        T* dg = io.dgates + row * G + u0;
+        T* dg = dgates + b * G + u0;
         if (z.masked && !io.valid[row]) {  // carry passed through, no gate gradients
           for (int64_t q = 0; q < 4; ++q) std::fill(dg + q * H, dg + q * H + nu, T(0));
           continue;
@@ -393,21 +460,41 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
         const T* cp = c_prev + b * H + u0;
         T* dhb = dh.data() + b * nu;
         T* dcb = dc.data() + b * nu;
+        T* dbs = db.data();
 #pragma omp simd
         for (int64_t j = 0; j < nu; ++j) {
           const T i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
           const T dh_total = dhb[j] + dy[j];
           const T dc_total = dcb[j] + dh_total * o * (T(1) - tc[j] * tc[j]);
-          dg[j] = dc_total * g * i * (T(1) - i);
-          dg[H + j] = dc_total * cp[j] * f * (T(1) - f);
-          dg[2 * H + j] = dc_total * i * (T(1) - g * g);
-          dg[3 * H + j] = dh_total * tc[j] * o * (T(1) - o);
+          const T di = dc_total * g * i * (T(1) - i);
+          const T df = dc_total * cp[j] * f * (T(1) - f);
+          const T dgg = dc_total * i * (T(1) - g * g);
+          const T d_o = dh_total * tc[j] * o * (T(1) - o);
+          dg[j] = di;
+          dg[H + j] = df;
+          dg[2 * H + j] = dgg;
+          dg[3 * H + j] = d_o;
+          if (in_loop) {
+            dbs[j] += di;
+            dbs[nu + j] += df;
+            dbs[2 * nu + j] += dgg;
+            dbs[3 * nu + j] += d_o;
+          }
           dcb[j] = dc_total * f;
         }
       }
+      if (in_loop && nu > 0) {  // dW[own gate rows] += dgates[:, own]^T [x_t, h_{t-1}]
+        for (int64_t b = 0; b < N; ++b) {
+          std::copy(io.x + (t * N + b) * I, io.x + (t * N + b + 1) * I, &v[b * KP]);
+          std::copy(h_prev + b * H, h_prev + (b + 1) * H, &v[b * KP + I]);
+        }
+        for (int64_t g = 0; g < 4; ++g)
+          OuterAccumulate<T>::run(nu, KP, N, dgates + g * H + u0, G, v.data(), KP,
+                                  &dw[g * nu * KP], KP);
+      }
       barrier.wait(threads);  // every unit's gate gradients of step t are written
-      const T* dgates_t = io.dgates + t * N * G;
-      if (nu > 0) wk.multiply(N, dgates_t, G, dgates_t + G, G, dh_prev.data(), nu);
+      if (nu > 0) w_hh_own.multiply(N, dgates, G, dgates + G, G, dh_prev.data(), nu);
+      if (in_loop && nx > 0) w_ih_own.multiply(N, dgates, G, dgates + G, G, io.dx + t * N * I + x0, I);
       for (int64_t b = 0; b < N; ++b)
         if (!z.masked || io.valid[t * N + b])
           std::copy(&dh_prev[b * nu], &dh_prev[(b + 1) * nu], &dh[b * nu]);
@@ -416,6 +503,13 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
       std::copy(&dh[b * nu], &dh[(b + 1) * nu], io.dh0 + b * H + u0);
       std::copy(&dc[b * nu], &dc[(b + 1) * nu], io.dc0 + b * H + u0);
     }
+    for (int64_t g = 0; in_loop && g < 4; ++g)
+      for (int64_t j = 0; j < nu; ++j) {
+        const T* row = &dw[(g * nu + j) * KP];
+        std::copy(row, row + I, io.dw_ih + (g * H + u0 + j) * I);
+        std::copy(row + I, row + K, io.dw_hh + (g * H + u0 + j) * H);
+        io.db[g * H + u0 + j] = db[g * nu + j];
+      }
   });
 }
 
@@ -478,22 +572,51 @@ ffi::Error LstmInferenceImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   });
 }
 
-// Inputs: w_hh, acts, cs, tcs, c0, dys, dh_n, dc_n; `x` only gives the sizes.
-ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_hh, ffi::AnyBuffer acts,
-                            ffi::AnyBuffer cs, ffi::AnyBuffer tcs, ffi::AnyBuffer c0,
-                            ffi::AnyBuffer dys, ffi::AnyBuffer dh_n, ffi::AnyBuffer dc_n,
-                            ffi::Buffer<ffi::U8> valid, int64_t reverse, int64_t masked,
-                            ffi::Result<ffi::AnyBuffer> dgates, ffi::Result<ffi::AnyBuffer> dh0,
+#define JLSTM_BACKWARD_PARAMS                                                                 \
+  ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh,             \
+      ffi::AnyBuffer acts, ffi::AnyBuffer cs, ffi::AnyBuffer tcs, ffi::AnyBuffer hs,            \
+      ffi::AnyBuffer h0, ffi::AnyBuffer c0, ffi::AnyBuffer dys, ffi::AnyBuffer dh_n,            \
+      ffi::AnyBuffer dc_n, ffi::Buffer<ffi::U8> valid, int64_t reverse, int64_t masked
+
+template <typename T>
+Buffers<T> backward_inputs(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w_ih,
+                           const ffi::AnyBuffer& w_hh, const ffi::AnyBuffer& acts,
+                           const ffi::AnyBuffer& cs, const ffi::AnyBuffer& tcs,
+                           const ffi::AnyBuffer& hs, const ffi::AnyBuffer& h0,
+                           const ffi::AnyBuffer& c0, const ffi::AnyBuffer& dys,
+                           const ffi::AnyBuffer& dh_n, const ffi::AnyBuffer& dc_n,
+                           const ffi::Buffer<ffi::U8>& valid) {
+  // The forward's saved buffers are inputs here, read only (Buffers holds them as results).
+  auto saved = [](const ffi::AnyBuffer& b) { return const_cast<T*>(in<T>(b)); };
+  Buffers<T> io{};
+  io.x = in<T>(x), io.w_ih = in<T>(w_ih), io.w_hh = in<T>(w_hh);
+  io.h0 = in<T>(h0), io.c0 = in<T>(c0), io.valid = valid.typed_data();
+  io.acts = saved(acts), io.cs = saved(cs), io.tcs = saved(tcs), io.hs = saved(hs);
+  io.dys = in<T>(dys), io.dh_n = in<T>(dh_n), io.dc_n = in<T>(dc_n);
+  return io;
+}
+
+// Weights in the loop: results dx, dW_ih, dW_hh, db, dh0, dc0.
+ffi::Error LstmBackwardImpl(JLSTM_BACKWARD_PARAMS, ffi::Result<ffi::AnyBuffer> dx,
+                            ffi::Result<ffi::AnyBuffer> dw_ih, ffi::Result<ffi::AnyBuffer> dw_hh,
+                            ffi::Result<ffi::AnyBuffer> db, ffi::Result<ffi::AnyBuffer> dh0,
                             ffi::Result<ffi::AnyBuffer> dc0) {
-  return by_dtype(acts.element_type(), [&]<typename T>() {
-    Buffers<T> io{};
-    io.w_hh = in<T>(w_hh), io.c0 = in<T>(c0), io.valid = valid.typed_data();
-    io.acts = const_cast<T*>(in<T>(acts));  // read only: the backward never writes them
-    io.cs = const_cast<T*>(in<T>(cs));
-    io.tcs = const_cast<T*>(in<T>(tcs));
-    io.dys = in<T>(dys), io.dh_n = in<T>(dh_n), io.dc_n = in<T>(dc_n);
+  return by_dtype(x.element_type(), [&]<typename T>() {
+    Buffers<T> io = backward_inputs<T>(x, w_ih, w_hh, acts, cs, tcs, hs, h0, c0, dys, dh_n, dc_n, valid);
+    io.dx = out<T>(dx), io.dw_ih = out<T>(dw_ih), io.dw_hh = out<T>(dw_hh), io.db = out<T>(db);
+    io.dh0 = out<T>(dh0), io.dc0 = out<T>(dc0);
+    lstm_backward<T>(pool, sizes_of(x, h0, reverse, masked), io);
+  });
+}
+
+// Gate gradients out: results dgates, dh0, dc0.
+ffi::Error LstmBackwardGatesImpl(JLSTM_BACKWARD_PARAMS, ffi::Result<ffi::AnyBuffer> dgates,
+                                 ffi::Result<ffi::AnyBuffer> dh0,
+                                 ffi::Result<ffi::AnyBuffer> dc0) {
+  return by_dtype(x.element_type(), [&]<typename T>() {
+    Buffers<T> io = backward_inputs<T>(x, w_ih, w_hh, acts, cs, tcs, hs, h0, c0, dys, dh_n, dc_n, valid);
     io.dgates = out<T>(dgates), io.dh0 = out<T>(dh0), io.dc0 = out<T>(dc0);
-    lstm_backward<T>(pool, sizes_of(x, c0, reverse, masked), io);
+    lstm_backward<T>(pool, sizes_of(x, h0, reverse, masked), io);
   });
 }
 
@@ -522,21 +645,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmForward, LstmForwardImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmInference, LstmInferenceImpl, JLSTM_FORWARD_ARGS);
 
+#define JLSTM_BACKWARD_ARGS                                   \
+  ffi::Ffi::Bind()                                            \
+      .Ctx<ffi::ThreadPool>()                                 \
+      .Arg<ffi::AnyBuffer>()       /* x */                    \
+      .Arg<ffi::AnyBuffer>()       /* w_ih */                 \
+      .Arg<ffi::AnyBuffer>()       /* w_hh */                 \
+      .Arg<ffi::AnyBuffer>()       /* gate activations */     \
+      .Arg<ffi::AnyBuffer>()       /* cs */                   \
+      .Arg<ffi::AnyBuffer>()       /* tanh(cs) */             \
+      .Arg<ffi::AnyBuffer>()       /* hs */                   \
+      .Arg<ffi::AnyBuffer>()       /* h0 */                   \
+      .Arg<ffi::AnyBuffer>()       /* c0 */                   \
+      .Arg<ffi::AnyBuffer>()       /* dys */                  \
+      .Arg<ffi::AnyBuffer>()       /* dh_n */                 \
+      .Arg<ffi::AnyBuffer>()       /* dc_n */                 \
+      .Arg<ffi::Buffer<ffi::U8>>() /* valid */                \
+      .Attr<int64_t>("reverse")                               \
+      .Attr<int64_t>("masked")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmBackward, LstmBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // w_hh
-                                  .Arg<ffi::AnyBuffer>()  // gate activations
-                                  .Arg<ffi::AnyBuffer>()  // cs
-                                  .Arg<ffi::AnyBuffer>()  // tanh(cs)
-                                  .Arg<ffi::AnyBuffer>()  // c0
-                                  .Arg<ffi::AnyBuffer>()  // dys
-                                  .Arg<ffi::AnyBuffer>()  // dh_n
-                                  .Arg<ffi::AnyBuffer>()  // dc_n
-                                  .Arg<ffi::Buffer<ffi::U8>>()  // valid
-                                  .Attr<int64_t>("reverse")
-                                  .Attr<int64_t>("masked")
-                                  .Ret<ffi::AnyBuffer>()  // dgates
-                                  .Ret<ffi::AnyBuffer>()  // dh0
+                              JLSTM_BACKWARD_ARGS
+                                  .Ret<ffi::AnyBuffer>()    // dx
+                                  .Ret<ffi::AnyBuffer>()    // dW_ih
+                                  .Ret<ffi::AnyBuffer>()    // dW_hh
+                                  .Ret<ffi::AnyBuffer>()    // db
+                                  .Ret<ffi::AnyBuffer>()    // dh0
+                                  .Ret<ffi::AnyBuffer>());  // dc0
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmBackwardGates, LstmBackwardGatesImpl,
+                              JLSTM_BACKWARD_ARGS
+                                  .Ret<ffi::AnyBuffer>()    // dgates
+                                  .Ret<ffi::AnyBuffer>()    // dh0
                                   .Ret<ffi::AnyBuffer>());  // dc0
