@@ -191,10 +191,11 @@ def _fwd(w_ih, w_hh, bias, x, h0, c0, valid, reverse):
 
 # A thread's rows of the weight gradients (4H/threads x (I + H)) are summed inside the backward loop
 # up to this many bytes; beyond, the loop hands out every step's gate gradients and XLA forms the
-# weight gradients as large GEMMs on every core. Measured on this project's 2-core CPU
-# (experiments/prototypes/knobs.py weights): in the loop, mnist (47 KB of rows per thread) and long
-# (196 KB) train about 1.5x faster, medium (up to 1.5 MB) the same, wide (12.6 MB, rows streamed
-# from memory every step) 1.1-1.3x slower.
+# weight gradients as large GEMMs on every core. `python -m experiments.prototypes.knobs weights`
+# on this project's 2-core CPU: handing the gates to XLA made a train step 1.64x slower on mnist
+# (47 KB of rows per thread) and 1.41x on long (196 KB), and changed nothing on medium (up to
+# 1.5 MB) or wide (12.6 MB, past the limit). Rows that outgrow the caches are streamed from memory
+# every step, while XLA's GEMMs keep scaling with cores, hence a limit.
 WEIGHTS_IN_LOOP_BYTES = 2 * 1024 * 1024
 
 
