@@ -118,11 +118,10 @@ def _check_impl(
             f"this is {'an RNN' if kind == 'rnn' else 'an LSTM with proj_size'}: use impl='auto'"
         )
     if impl == "native":
-        if kind != "lstm" or structure.proj_size:
-            this = {"gru": "a GRU", "rnn": "an RNN"}.get(kind, "an LSTM with proj_size")
+        if kind == "rnn" or structure.proj_size:
             raise ValueError(
-                f"{fn}: impl='native' (the C++ CPU loop) covers LSTM without proj_size; "
-                f"this is {this}: use impl='auto'"
+                f"{fn}: impl='native' (the C++ CPU loop) covers LSTM without proj_size and GRU; "
+                f"this is {'an RNN' if kind == 'rnn' else 'an LSTM with proj_size'}: use impl='auto'"
             )
         reason = native.unavailable_reason()
         if reason is not None:
@@ -169,7 +168,7 @@ def _vary_like(tree, *others):
 
 def _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist=None, impl="fused"):
     """LSTM (without projection) or GRU with a hand-written backward that forms the weight
-    gradients in one matmul after the loop: on :mod:`jlstm.native` (the C++ loop, LSTM on CPU) when
+    gradients in one matmul after the loop: on :mod:`jlstm.native` (the C++ loop, on CPU) when
     ``impl`` is ``"native"``, or ``"auto"`` where it applies, else on :mod:`jlstm.recurrence`.
     ``hoist`` (default: by backend) places the latter's input projection, see there."""
     bias, b_hn = cells.folded_biases(kind, w)
@@ -182,10 +181,15 @@ def _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist=None, impl="fus
     if hoist is None:
         # On XLA CPU the input projection runs faster inside the step (see jlstm.recurrence).
         hoist = jax.default_backend() != "cpu"
-    if kind == "lstm" and (impl == "native" or (impl == "auto" and native.applies(x))):
+    in_cpp = impl == "native" or (impl == "auto" and native.applies(x))
+    if kind == "lstm" and in_cpp:
         w_ih, w_hh, bias, x, carry = _vary_like((w_ih, w_hh, bias, x, carry))
         ys, h, c = native.lstm_recurrence(w_ih, w_hh, bias, x, *carry, valid, reverse)
         return (h, c), ys
+    if kind == "gru" and in_cpp:
+        w_ih, w_hh, bias, b_hn, x, carry = _vary_like((w_ih, w_hh, bias, b_hn, x, carry))
+        ys, h = native.gru_recurrence(w_ih, w_hh, bias, b_hn, x, carry, valid, reverse)
+        return h, ys
     if kind == "lstm":
         w_ih, w_hh, bias, x, carry = _vary_like((w_ih, w_hh, bias, x, carry))
         ys, h, c = recurrence.lstm_recurrence(
@@ -396,7 +400,8 @@ def lstm(
         is given (training); without a key the call is deterministic (``module.eval()``).
       key: a PRNG key for dropout.
       impl: ``"auto"`` (default: the fastest path that applies), ``"native"`` for the C++ time
-        loop of :mod:`jlstm.native` (CPU, float32/float64, no ``proj_size``; auto's choice there),
+        loop of :mod:`jlstm.native` (CPU, float32/float64, LSTM without ``proj_size`` and GRU;
+        auto's choice there),
         ``"fused"`` for the ``lax.scan`` loop with the hand-written backward of
         :mod:`jlstm.recurrence` (auto's choice elsewhere, without ``proj_size``), or ``"scan"``
         for plain autodiff through ``lax.scan`` over the cell. All give torch's numbers.

@@ -1,4 +1,4 @@
-"""The LSTM time loop on XLA CPU as a C++ custom call that runs each step on every core.
+"""The LSTM and GRU time loops on XLA CPU as C++ custom calls that run each step on every core.
 
 XLA CPU runs a ``lax.scan`` body on one core: a step of a small LSTM is too little work for its
 thread pool. ``csrc/recurrence.cc`` runs the loop in C++ instead, splitting the hidden units over
@@ -35,6 +35,16 @@ SOURCE = Path(__file__).parent / "csrc" / "recurrence.cc"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd")
 FLAGS += ("-std=c++20", "-shared", "-fPIC", "-pthread")
 DTYPES = (jnp.float32, jnp.float64)
+# The custom-call targets in csrc/recurrence.cc, registered as jlstm_<name> (symbol Jlstm<Name>).
+TARGETS = (
+    "lstm_forward",
+    "lstm_inference",
+    "lstm_backward",
+    "lstm_backward_gates",
+    "gru_forward",
+    "gru_backward",
+    "gru_backward_gates",
+)
 
 
 class NativeUnavailable(RuntimeError):
@@ -93,10 +103,10 @@ def build(verbose: bool = False) -> Path:
 @functools.cache
 def _load() -> None:
     library = ctypes.CDLL(str(build()))
-    for name in ("forward", "inference", "backward", "backward_gates"):
-        symbol = "JlstmLstm" + name.title().replace("_", "")
+    for name in TARGETS:
+        symbol = "Jlstm" + name.title().replace("_", "")
         target = jax.ffi.pycapsule(getattr(library, symbol))
-        jax.ffi.register_ffi_target(f"jlstm_lstm_{name}", target, platform="cpu")
+        jax.ffi.register_ffi_target(f"jlstm_{name}", target, platform="cpu")
 
 
 @functools.cache
@@ -148,7 +158,7 @@ def _like(shape, ref) -> jax.ShapeDtypeStruct:
 
 
 def _call(name, outs, *args, valid, reverse):
-    return jax.ffi.ffi_call(f"jlstm_lstm_{name}", outs, vmap_method="sequential")(
+    return jax.ffi.ffi_call(f"jlstm_{name}", outs, vmap_method="sequential")(
         *args,
         _valid_bytes(valid),
         reverse=np.int64(reverse),
@@ -167,7 +177,7 @@ def _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
     )
     outs = (seq, state, seq, seq, gates) if save else (seq, state)
     hs, c_n, *saved = _call(
-        "forward" if save else "inference",
+        "lstm_forward" if save else "lstm_inference",
         outs,
         *(x, w_ih, w_hh, bias, h0, c0),
         valid=valid,
@@ -205,7 +215,8 @@ def _threads() -> int:
 
 
 def weights_in_loop(x, w_hh) -> bool:
-    """Whether the backward loop forms the weight gradients itself (see WEIGHTS_IN_LOOP_BYTES)."""
+    """Whether the backward loop forms the weight gradients itself (see WEIGHTS_IN_LOOP_BYTES);
+    ``w_hh`` is ``(G*H, H)`` for G gates."""
     gates, hidden = w_hh.shape
     rows = gates / min(_threads(), max(1, hidden // 16))
     return rows * (x.shape[-1] + hidden) * x.dtype.itemsize <= WEIGHTS_IN_LOOP_BYTES
@@ -218,20 +229,80 @@ def _bwd(reverse, residuals, cotangents):
     if weights_in_loop(x, w_hh):
         outs = tuple(_like(a.shape, x) for a in (x, w_ih, w_hh, w_hh[:, 0], h0, c0))
         dx, dw_ih, dw_hh, dbias, dh0, dc0 = _call(
-            "backward", outs, *inputs, valid=valid, reverse=reverse
+            "lstm_backward", outs, *inputs, valid=valid, reverse=reverse
         )
         return dw_ih, dw_hh, dbias, dx, dh0, dc0, None
     outs = tuple(_like(a.shape, x) for a in (acts, h0, c0))
-    dgates, dh0, dc0 = _call("backward_gates", outs, *inputs, valid=valid, reverse=reverse)
-    # h_{t-1} of every step, in time order: h0 sits before the first step processed.
-    hs_prev = (
-        jnp.concatenate([hs[1:], h0[None]]) if reverse else jnp.concatenate([h0[None], hs[:-1]])
-    )
+    dgates, dh0, dc0 = _call("lstm_backward_gates", outs, *inputs, valid=valid, reverse=reverse)
     dw_ih, dbias, dx = _input_grads(dgates, x, w_ih)
+    hs_prev = _previous(hs, h0, reverse)
     return dw_ih, _weight_grad(dgates, hs_prev), dbias, dx, dh0, dc0, None
 
 
+def _previous(hs, h0, reverse):
+    """h_{t-1} of every step, in time order: h0 sits before the first step processed."""
+    return jnp.concatenate([hs[1:], h0[None]]) if reverse else jnp.concatenate([h0[None], hs[:-1]])
+
+
 lstm_recurrence.defvjp(_fwd, _bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# GRU
+
+
+def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save):
+    """The loop; with ``save`` also every step's [r | z | n | W_hn h + b_hn] for the backward."""
+    _load()
+    length, batch, hidden = x.shape[0], x.shape[1], h0.shape[-1]
+    acts = (length, batch, 4 * hidden) if save else (0,)  # empty: the kernel saves nothing
+    hs, acts = _call(
+        "gru_forward",
+        (_like((length, batch, hidden), x), _like(acts, x)),
+        *(x, w_ih, w_hh, bias, b_hn, h0),
+        valid=valid,
+        reverse=reverse,
+    )
+    ys = hs if valid is None else jnp.where(valid, hs, jnp.zeros_like(hs))
+    return (ys, hs[0] if reverse else hs[-1]), (hs, acts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def gru_recurrence(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse=False):
+    """``(ys, h_n)`` of one GRU direction, as :func:`jlstm.recurrence.gru_recurrence` (same
+    arguments, no ``unroll``/``hoist``)."""
+    return _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save=False)[0]
+
+
+def _gru_fwd(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse):
+    out, saved = _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save=True)
+    return out, (w_ih, w_hh, x, h0, valid, saved)
+
+
+def _gru_bwd(reverse, residuals, cotangents):
+    w_ih, w_hh, x, h0, valid, (hs, acts) = residuals
+    dys, dh_n = cotangents
+    inputs = (x, w_ih, w_hh, acts, hs, h0, dys, dh_n)
+    if weights_in_loop(x, w_hh):
+        outs = tuple(_like(a.shape, x) for a in (x, w_ih, w_hh, w_hh[:, 0], h0[0], h0))
+        dx, dw_ih, dw_hh, dbias, db_hn, dh0 = _call(
+            "gru_backward", outs, *inputs, valid=valid, reverse=reverse
+        )
+        return dw_ih, dw_hh, dbias, db_hn, dx, dh0, None
+    gates = _like((*x.shape[:2], w_hh.shape[0]), x)
+    dxw, dhw, dh0 = _call(
+        "gru_backward_gates",
+        (gates, gates, _like(h0.shape, x)),
+        *inputs,
+        valid=valid,
+        reverse=reverse,
+    )
+    dw_ih, dbias, dx = _input_grads(dxw, x, w_ih)
+    db_hn = jnp.sum(dhw[..., 2 * h0.shape[-1] :], axis=(0, 1))
+    return dw_ih, _weight_grad(dhw, _previous(hs, h0, reverse)), dbias, db_hn, dx, dh0, None
+
+
+gru_recurrence.defvjp(_gru_fwd, _gru_bwd)
 
 
 def main() -> None:

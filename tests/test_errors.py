@@ -279,16 +279,15 @@ def test_fused_impl_not_available_for_projection():
 @pytest.mark.parametrize(
     "fn,params,this",
     [
-        (jlstm.gru, jlstm.init_gru(KEY, 4, 6), "a GRU"),
         (jlstm.rnn, jlstm.init_rnn(KEY, 4, 6), "an RNN"),
         (jlstm.lstm, jlstm.init_lstm(KEY, 4, 6, proj_size=2), "an LSTM with proj_size"),
     ],
-    ids=["gru", "rnn", "proj"],
+    ids=["rnn", "proj"],
 )
-def test_native_impl_covers_plain_lstm_only(fn, params, this):
+def test_native_impl_covers_lstm_and_gru(fn, params, this):
     with pytest.raises(
         ValueError,
-        match=rf"impl='native' \(the C\+\+ CPU loop\) covers LSTM without proj_size; this is {this}",
+        match=rf"impl='native' \(the C\+\+ CPU loop\) covers LSTM without proj_size and GRU; this is {this}",
     ):
         fn(params, X, impl="native")
 

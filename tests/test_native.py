@@ -1,5 +1,5 @@
-"""The C++ LSTM loop (jlstm.native): the path impl="auto" takes on CPU gives the lax.scan path's
-outputs, states and gradients on a grid that crosses the kernel's edges (1 unit, thread blocks of
+"""The C++ LSTM and GRU loops (jlstm.native): the path impl="auto" takes on CPU gives the lax.scan
+path's outputs, states and gradients on a grid that crosses the kernel's edges (1 unit, thread blocks of
 16 units, register tiles of 8 rows), with any number of threads, under vmap and concurrent calls;
 and it is refused, or skipped by auto, where it cannot run. Torch parity of both paths is in
 test_torch_parity.py."""
@@ -22,36 +22,42 @@ from jlstm import native
 ROOT = Path(__file__).parent.parent
 
 
-def _value_and_grads(params, x, state, impl, **kw):
+LAYERS = {"lstm": (jlstm.lstm, jlstm.init_lstm), "gru": (jlstm.gru, jlstm.init_gru)}
+KINDS = pytest.mark.parametrize("kind", list(LAYERS))
+
+
+def _value_and_grads(kind, params, x, state, impl, **kw):
     def loss(params, x, state):
-        return probe_loss(*jlstm.lstm(params, x, state, impl=impl, **kw))
+        return probe_loss(*LAYERS[kind][0](params, x, state, impl=impl, **kw))
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, x, state)
 
 
-def _problem(length, batch, inp, hidden, dtype, layers=1, bidirectional=False, seed=0):
+def _problem(kind, length, batch, inp, hidden, dtype, layers=1, bidirectional=False, seed=0):
     keys = jax.random.split(jax.random.key(seed), 4)
-    params = jlstm.init_lstm(
+    params = LAYERS[kind][1](
         keys[0], inp, hidden, num_layers=layers, bidirectional=bidirectional, dtype=dtype
     )
     rows = layers * (2 if bidirectional else 1)
     x = jax.random.normal(keys[1], (length, batch, inp), dtype)
     state = tuple(jax.random.normal(k, (rows, batch, hidden), dtype) for k in keys[2:])
-    return params, x, state
+    return params, x, state if kind == "lstm" else state[0]
 
 
-def test_auto_takes_the_native_loop_on_cpu():
-    params, x, state = _problem(3, 2, 4, 5, jnp.float32)
+@KINDS
+def test_auto_takes_the_native_loop_on_cpu(kind):
+    params, x, state = _problem(kind, 3, 2, 4, 5, jnp.float32)
     assert native.available(), native.unavailable_reason()
 
     def hlo(impl, grad):
-        fn = lambda p, x: jnp.sum(jlstm.lstm(p, x, state, impl=impl)[0])  # noqa: E731
+        fn = lambda p, x: jnp.sum(LAYERS[kind][0](p, x, state, impl=impl)[0])  # noqa: E731
         return jax.jit(jax.grad(fn) if grad else fn).lower(params, x).as_text()
 
-    assert "jlstm_lstm_inference" in hlo("auto", grad=False)
+    inference = f"jlstm_{kind}_inference" if kind == "lstm" else f"jlstm_{kind}_forward"
+    assert inference in hlo("auto", grad=False)
     train = hlo("auto", grad=True)
-    assert "jlstm_lstm_forward" in train and "jlstm_lstm_backward" in train
-    assert "jlstm_lstm" not in hlo("fused", grad=True)
+    assert f"jlstm_{kind}_forward" in train and f"jlstm_{kind}_backward" in train
+    assert "jlstm_" not in hlo("fused", grad=True)
 
 
 # Sizes: 1 everywhere; hidden 15/16/17 around one thread's block of 16 units, 33 and 100 split over
@@ -70,53 +76,60 @@ def backward(request, monkeypatch):
     jax.clear_caches()
 
 
-def test_each_backward_is_taken(backward):
-    params, x, state = _problem(3, 2, 4, 5, jnp.float32)
-    loss = lambda p: jnp.sum(jlstm.lstm(p, x, state)[0])  # noqa: E731
+@KINDS
+def test_each_backward_is_taken(kind, backward):
+    params, x, state = _problem(kind, 3, 2, 4, 5, jnp.float32)
+    loss = lambda p: jnp.sum(LAYERS[kind][0](p, x, state)[0])  # noqa: E731
     text = jax.jit(jax.grad(loss)).lower(params).as_text()
-    assert ("jlstm_lstm_backward_gates" in text) == (backward == "gates-out")
-    assert "jlstm_lstm_backward" in text
+    assert (f"jlstm_{kind}_backward_gates" in text) == (backward == "gates-out")
+    assert f"jlstm_{kind}_backward" in text
 
 
 @pytest.mark.parametrize(
     "dtype,tol", [(jnp.float64, 1e-12), (jnp.float32, 2e-5)], ids=["f64", "f32"]
 )
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "L{}-N{}-I{}-H{}".format(*s))
-def test_native_matches_the_scan_path(size, dtype, tol, backward):
+@KINDS
+def test_native_matches_the_scan_path(kind, size, dtype, tol, backward):
     length, batch, inp, hidden = size
-    params, x, state = _problem(length, batch, inp, hidden, dtype, layers=2, bidirectional=True)
+    params, x, state = _problem(
+        kind, length, batch, inp, hidden, dtype, layers=2, bidirectional=True
+    )
     lengths = jnp.arange(batch) % (length + 1)  # 0 (state passes through) up to full length
     for kw in ({}, {"seq_lengths": lengths}):
-        got = _value_and_grads(params, x, state, "native", **kw)
-        want = _value_and_grads(params, x, state, "fused", **kw)
+        got = _value_and_grads(kind, params, x, state, "native", **kw)
+        want = _value_and_grads(kind, params, x, state, "fused", **kw)
         assert_trees_close(got, want, rtol=tol, atol=tol)
 
 
-def test_inference_equals_the_training_forward():
+@KINDS
+def test_inference_equals_the_training_forward(kind):
     """The call without gradients (the kernel that saves nothing) gives bit for bit what the
     training forward (the kernel that saves the gates) gives."""
-    params, x, state = _problem(7, 5, 3, 40, jnp.float64, bidirectional=True)
+    params, x, state = _problem(kind, 7, 5, 3, 40, jnp.float64, bidirectional=True)
     lengths = jnp.array([7, 0, 3, 6, 1])
 
     def run(p):
-        return jlstm.lstm(p, x, state, seq_lengths=lengths, impl="native")
+        return LAYERS[kind][0](p, x, state, seq_lengths=lengths, impl="native")
 
     assert_trees_close(jax.jit(run)(params), jax.vjp(run, params)[0], rtol=0, atol=0)
 
 
-def test_vmap_over_independent_problems():
-    params, x, state = _problem(4, 3, 2, 20, jnp.float64)
+@KINDS
+def test_vmap_over_independent_problems(kind):
+    params, x, state = _problem(kind, 4, 3, 2, 20, jnp.float64)
+    layer = LAYERS[kind][0]
     xs = jnp.stack([x, 2 * x, -x])
-    got = jax.vmap(lambda x: jlstm.lstm(params, x, state, impl="native"))(xs)
-    want = [jlstm.lstm(params, x, state, impl="fused") for x in xs]
+    got = jax.vmap(lambda x: layer(params, x, state, impl="native"))(xs)
+    want = [layer(params, x, state, impl="fused") for x in xs]
     assert_trees_close(got, jax.tree.map(lambda *a: jnp.stack(a), *want), rtol=1e-12, atol=1e-12)
 
 
 def test_concurrent_calls_agree_with_one_call():
     """Calls from several Python threads at once share the kernel's thread pool (a call that finds
     it busy runs alone); every result is the one a single call gives."""
-    params, x, state = _problem(50, 4, 8, 64, jnp.float32)
-    run = jax.jit(lambda x: _value_and_grads(params, x, state, "native"))
+    params, x, state = _problem("lstm", 50, 4, 8, 64, jnp.float32)
+    run = jax.jit(lambda x: _value_and_grads("lstm", params, x, state, "native"))
     inputs = [x * (1 + i / 10) for i in range(6)]
     want = [jax.device_get(run(x)) for x in inputs]
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -128,11 +141,13 @@ def test_concurrent_calls_agree_with_one_call():
 _THREADS_SCRIPT = """
 import sys, jax, jax.numpy as jnp, numpy as np, jlstm
 jax.config.update("jax_enable_x64", True)
-p = jlstm.init_lstm(jax.random.key(0), 6, 70, bidirectional=True, dtype=jnp.float64)
 x = jax.random.normal(jax.random.key(1), (9, 11, 6), jnp.float64)
-loss = lambda p, x: jnp.sum(jnp.sin(jlstm.lstm(p, x, seq_lengths=jnp.arange(11) % 10)[0]))
-value, grads = jax.value_and_grad(loss, argnums=(0, 1))(p, x)
-np.savez(sys.argv[1], value=value, *jax.tree.leaves(grads))
+results = []
+for layer, init in ((jlstm.lstm, jlstm.init_lstm), (jlstm.gru, jlstm.init_gru)):
+    p = init(jax.random.key(0), 6, 70, bidirectional=True, dtype=jnp.float64)
+    loss = lambda p, x: jnp.sum(jnp.sin(layer(p, x, seq_lengths=jnp.arange(11) % 10)[0]))
+    results += jax.tree.leaves(jax.value_and_grad(loss, argnums=(0, 1))(p, x))
+np.savez(sys.argv[1], *results)
 """
 
 
@@ -151,18 +166,19 @@ def test_results_do_not_depend_on_the_number_of_threads(tmp_path):
         assert_trees_close(other, results[0], rtol=0, atol=0)
 
 
-def test_long_sequence_stays_finite():
-    params, x, state = _problem(5000, 2, 3, 16, jnp.float32)
-    value, grads = _value_and_grads(params, 3 * x, state, "native")
+@KINDS
+def test_long_sequence_stays_finite(kind):
+    params, x, state = _problem(kind, 5000, 2, 3, 16, jnp.float32)
+    value, grads = _value_and_grads(kind, params, 3 * x, state, "native")
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves((value, grads)))
 
 
 def test_auto_falls_back_when_native_is_unavailable(monkeypatch):
-    params, x, state = _problem(3, 2, 4, 6, jnp.float32)
+    params, x, state = _problem("lstm", 3, 2, 4, 6, jnp.float32)
     monkeypatch.setattr(native, "unavailable_reason", lambda: "no compiler (test)")
     jax.clear_caches()  # the layer stack is jitted: retrace with the patched availability
     text = jax.jit(lambda p: jlstm.lstm(p, x, state)[0]).lower(params).as_text()
-    assert "jlstm_lstm" not in text
+    assert "jlstm_" not in text
     with pytest.raises(ValueError, match=r"impl='native' is not available here: no compiler"):
         jlstm.lstm(params, x, state, impl="native")
     jax.clear_caches()

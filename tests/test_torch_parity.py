@@ -20,14 +20,14 @@ INPUTS = ("param.", "R.", "x", "h0", "c0", "lengths")
 CASES = [pytest.param(case, id=case.id) for case in cases.CASES]
 # float32 compiles everything a second time; a covering subset keeps every kind x feature.
 F32_CASES = [pytest.param(case, id=case.id) for case in cases.covering_subset(cases.CASES)]
-# LSTM layers have two fast paths: the C++ loop (jlstm.native, impl="auto" on CPU) and the lax.scan
-# loop with the hand-written backward (impl="fused", auto's choice on GPU/TPU). Both run the grid.
-LSTM_LAYERS = [c for c in CASES if c.values[0].base == "lstm" and not c.values[0].is_cell]
+# LSTM and GRU layers have two fast paths: the C++ loop (jlstm.native, impl="auto" on CPU) and the
+# lax.scan loop with the hand-written backward (impl="fused", auto's choice on GPU/TPU). Both run
+# the grid.
 FAST_PATHS = [
     pytest.param(impl, case, id=f"{impl}-{case.id}")
     for impl in ("native", "fused")
-    for (case,) in (c.values for c in LSTM_LAYERS)
-    if not case.proj_size
+    for (case,) in (c.values for c in CASES)
+    if case.base in ("lstm", "gru") and not case.is_cell and not case.proj_size
 ]
 
 
@@ -44,7 +44,7 @@ def _forward(case: cases.Case, params, x, state, lengths, impl) -> dict:
         output, (h_n, c_n) = jlstm.lstm(params, x, state, impl=impl, **kw)
         return {"output": output, "h_n": h_n, "c_n": c_n}
     if case.base == "gru":
-        output, h_n = jlstm.gru(params, x, state, **kw)
+        output, h_n = jlstm.gru(params, x, state, impl=impl, **kw)
     else:
         output, h_n = jlstm.rnn(params, x, state, nonlinearity=case.nonlinearity, **kw)
     return {"output": output, "h_n": h_n}
@@ -128,7 +128,7 @@ def test_golden_float64(golden, case):
 
 
 @pytest.mark.parametrize("impl,case", FAST_PATHS)
-def test_golden_float64_each_lstm_path(golden, impl, case):
+def test_golden_float64_each_fast_path(golden, impl, case):
     inputs, want = _split(golden[case.id])
     got = jlstm_reference(case, inputs, impl)
     assert_matches(got, want, np.float64, rtol=1e-9, atol=1e-9)

@@ -514,6 +514,176 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
 }
 
 // ------------------------------------------------------------------------------------------------
+// GRU: r, z, n gates in torch's order; b (3H) is b_ih + [b_hr, b_hz, 0] and b_hn (H) stays apart,
+// inside r * (W_hn h + b_hn). The threads split the units as for the LSTM; the x and h parts of a
+// step are two GEMMs, since the n gate needs W_hn h on its own. Saved per step: r, z, n and
+// hn = W_hn h + b_hn ("acts", (L, N, 4H) as [r | z | n | hn]).
+
+template <typename T>
+struct GruBuffers {
+  const T *x, *w_ih, *w_hh, *bias, *b_hn, *h0;
+  const uint8_t* valid;
+  T *hs, *acts;                                   // forward results (acts: training only)
+  const T *dys, *dh_n;                            // backward inputs (with acts, hs)
+  T *dx, *dw_ih, *dw_hh, *db, *db_hn, *dh0;       // backward results, weights in the loop
+  T *dxw, *dhw;                                   // backward results, gate gradients out
+};
+
+template <typename T>
+void gru_forward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io) {
+  const int64_t N = z.batch, I = z.input, H = z.hidden, G = 3 * H;
+  const bool save = io.acts != nullptr;
+  Barrier barrier;
+  run_team(pool, threads_for(H), 6.0 * z.length * N * (I + H) * H, [&](int k, int threads) {
+    int64_t u0, u1;
+    unit_range(H, k, threads, u0, u1);
+    const int64_t nu = u1 - u0;
+    auto gate_row = [&](int64_t col) { return col / nu * H + u0 + col % nu; };
+    const PackedB<T> wx(I, 3 * nu, I, [&](int64_t r, int64_t c) { return io.w_ih[gate_row(c) * I + r]; });
+    const PackedB<T> wh(H, 3 * nu, H, [&](int64_t r, int64_t c) { return io.w_hh[gate_row(c) * H + r]; });
+    std::vector<T> px(N * 3 * nu), ph(N * 3 * nu), bias(3 * nu), a_own(save ? 0 : 4 * H);
+    for (int64_t g = 0; g < 3; ++g)
+      std::copy(io.bias + g * H + u0, io.bias + g * H + u1, bias.begin() + g * nu);
+    const T* bs = bias.data();
+    const T* bn = io.b_hn + u0;
+    for (int64_t s = 0; s < z.length; ++s) {
+      const int64_t t = z.time(s);
+      const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
+      if (nu > 0) {
+        wx.multiply(N, io.x + t * N * I, I, io.x + t * N * I, I, px.data(), 3 * nu);
+        wh.multiply(N, h_prev, H, h_prev, H, ph.data(), 3 * nu);
+      }
+      for (int64_t b = 0; b < N; ++b) {
+        const int64_t row = t * N + b;
+        const T* qx = px.data() + b * 3 * nu;
+        const T* qh = ph.data() + b * 3 * nu;
+        const T* hp = h_prev + b * H + u0;
+        T* h = io.hs + row * H + u0;
+        if (z.masked && !io.valid[row]) {  // the carry stays
+          std::copy(hp, hp + nu, h);
+          continue;
+        }
+        T* a = save ? io.acts + row * 4 * H + u0 : a_own.data();
+#pragma omp simd
+        for (int64_t j = 0; j < nu; ++j) {
+          const T r = sigmoid(qx[j] + qh[j] + bs[j]);
+          const T u = sigmoid(qx[nu + j] + qh[nu + j] + bs[nu + j]);
+          const T hn = qh[2 * nu + j] + bn[j];
+          const T n = std::tanh(qx[2 * nu + j] + bs[2 * nu + j] + r * hn);
+          a[j] = r;
+          a[H + j] = u;
+          a[2 * H + j] = n;
+          a[3 * H + j] = hn;
+          h[j] = n + u * (hp[j] - n);
+        }
+      }
+      barrier.wait(threads);
+    }
+  });
+}
+
+// As lstm_backward: weights in the loop (io.dw_ih given) or every step's gate gradients out,
+// dxw = [dr, dz, dn] (the x side and the folded bias) and dhw = [dr, dz, dn * r] (the h side).
+template <typename T>
+void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io) {
+  const int64_t N = z.batch, I = z.input, H = z.hidden, G = 3 * H;
+  const auto padded = [](int64_t n) { return (n + PackedB<T>::kNR - 1) / PackedB<T>::kNR * PackedB<T>::kNR; };
+  const int64_t IP = padded(I), HP = padded(H);
+  const bool in_loop = io.dw_ih != nullptr;
+  std::vector<T> step(in_loop ? 4 * N * G : 0);  // [dxw, dhw] of the last two steps
+  Barrier barrier;
+  run_team(pool, threads_for(H), 6.0 * z.length * N * G * (I + 2 * H), [&](int k, int threads) {
+    int64_t u0, u1, x0, x1;
+    unit_range(H, k, threads, u0, u1);
+    unit_range(I, k, threads, x0, x1);
+    const int64_t nu = u1 - u0, nx = in_loop ? x1 - x0 : 0;
+    const PackedB<T> w_hh_own(G, nu, G, [&](int64_t r, int64_t j) { return io.w_hh[r * H + u0 + j]; });
+    const PackedB<T> w_ih_own(G, nx, G, [&](int64_t r, int64_t j) { return io.w_ih[r * I + x0 + j]; });
+    // dh of this thread's units, the GEMM's part of dh_{t-1} and the direct part (dh_total * z);
+    // x_t and h_{t-1} zero-padded to whole panels; this thread's rows of dW_ih, dW_hh, db, db_hn.
+    std::vector<T> dh(N * nu), dh_prev(N * nu), direct(N * nu);
+    std::vector<T> vx(in_loop ? N * IP : 0, T(0)), vh(in_loop ? N * HP : 0, T(0));
+    std::vector<T> dwx(in_loop ? 3 * nu * IP : 0, T(0)), dwh(in_loop ? 3 * nu * HP : 0, T(0));
+    std::vector<T> db(3 * nu, T(0)), db_hn(nu, T(0));
+    for (int64_t b = 0; b < N; ++b) std::copy(io.dh_n + b * H + u0, io.dh_n + b * H + u1, &dh[b * nu]);
+    for (int64_t s = z.length - 1; s >= 0; --s) {
+      const int64_t t = z.time(s);
+      const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
+      T* dxw = in_loop ? step.data() + (s % 2) * 2 * N * G : io.dxw + t * N * G;
+      T* dhw = in_loop ? dxw + N * G : io.dhw + t * N * G;
+      for (int64_t b = 0; b < N; ++b) {
+        const int64_t row = t * N + b;
+        T* gx = dxw + b * G + u0;
+        T* gh = dhw + b * G + u0;
+        T* dd = direct.data() + b * nu;
+        if (z.masked && !io.valid[row]) {  // carry passed through, no gate gradients
+          for (int64_t q = 0; q < 3; ++q) {
+            std::fill(gx + q * H, gx + q * H + nu, T(0));
+            std::fill(gh + q * H, gh + q * H + nu, T(0));
+          }
+          std::copy(&dh[b * nu], &dh[(b + 1) * nu], dd);
+          continue;
+        }
+        const T* a = io.acts + row * 4 * H + u0;
+        const T* dy = io.dys + row * H + u0;
+        const T* hp = h_prev + b * H + u0;
+        const T* dhb = dh.data() + b * nu;
+        T* dbs = db.data();
+        T* dbn = db_hn.data();
+#pragma omp simd
+        for (int64_t j = 0; j < nu; ++j) {
+          const T r = a[j], u = a[H + j], n = a[2 * H + j], hn = a[3 * H + j];
+          const T dh_total = dhb[j] + dy[j];
+          const T dn = dh_total * (T(1) - u) * (T(1) - n * n);
+          const T du = dh_total * (hp[j] - n) * u * (T(1) - u);
+          const T dr = dn * hn * r * (T(1) - r);
+          gx[j] = dr;
+          gx[H + j] = du;
+          gx[2 * H + j] = dn;
+          gh[j] = dr;
+          gh[H + j] = du;
+          gh[2 * H + j] = dn * r;
+          dd[j] = dh_total * u;  // dh_{t-1} through h' = n + z (h - n); the GEMM adds the gates'
+          if (in_loop) {
+            dbs[j] += dr;
+            dbs[nu + j] += du;
+            dbs[2 * nu + j] += dn;
+            dbn[j] += dn * r;
+          }
+        }
+      }
+      if (in_loop && nu > 0) {  // own gate rows: dW_ih += dxw^T x_t, dW_hh += dhw^T h_{t-1}
+        for (int64_t b = 0; b < N; ++b) {
+          std::copy(io.x + (t * N + b) * I, io.x + (t * N + b + 1) * I, &vx[b * IP]);
+          std::copy(h_prev + b * H, h_prev + (b + 1) * H, &vh[b * HP]);
+        }
+        for (int64_t g = 0; g < 3; ++g) {
+          OuterAccumulate<T>::run(nu, IP, N, dxw + g * H + u0, G, vx.data(), IP, &dwx[g * nu * IP], IP);
+          OuterAccumulate<T>::run(nu, HP, N, dhw + g * H + u0, G, vh.data(), HP, &dwh[g * nu * HP], HP);
+        }
+      }
+      barrier.wait(threads);  // every unit's gate gradients of step t are written
+      if (nu > 0) w_hh_own.multiply(N, dhw, G, dhw, G, dh_prev.data(), nu);
+      if (in_loop && nx > 0) w_ih_own.multiply(N, dxw, G, dxw, G, io.dx + t * N * I + x0, I);
+      for (int64_t b = 0; b < N; ++b) {
+        const bool valid = !z.masked || io.valid[t * N + b];
+        for (int64_t j = 0; j < nu; ++j)
+          dh[b * nu + j] = direct[b * nu + j] + (valid ? dh_prev[b * nu + j] : T(0));
+      }
+    }
+    for (int64_t b = 0; b < N; ++b) std::copy(&dh[b * nu], &dh[(b + 1) * nu], io.dh0 + b * H + u0);
+    for (int64_t g = 0; in_loop && g < 3; ++g)
+      for (int64_t j = 0; j < nu; ++j) {
+        const int64_t out_row = g * H + u0 + j;
+        std::copy(&dwx[(g * nu + j) * IP], &dwx[(g * nu + j) * IP] + I, io.dw_ih + out_row * I);
+        std::copy(&dwh[(g * nu + j) * HP], &dwh[(g * nu + j) * HP] + H, io.dw_hh + out_row * H);
+        io.db[out_row] = db[g * nu + j];
+      }
+    for (int64_t j = 0; in_loop && j < nu; ++j) io.db_hn[u0 + j] = db_hn[j];
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
 // FFI handlers: decode, dispatch on the dtype, run.
 
 template <typename T>
@@ -620,6 +790,62 @@ ffi::Error LstmBackwardGatesImpl(JLSTM_BACKWARD_PARAMS, ffi::Result<ffi::AnyBuff
   });
 }
 
+ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_ih,
+                          ffi::AnyBuffer w_hh, ffi::AnyBuffer bias, ffi::AnyBuffer b_hn,
+                          ffi::AnyBuffer h0, ffi::Buffer<ffi::U8> valid, int64_t reverse,
+                          int64_t masked, ffi::Result<ffi::AnyBuffer> hs,
+                          ffi::Result<ffi::AnyBuffer> acts) {
+  return by_dtype(x.element_type(), [&]<typename T>() {
+    GruBuffers<T> io{};
+    io.x = in<T>(x), io.w_ih = in<T>(w_ih), io.w_hh = in<T>(w_hh), io.bias = in<T>(bias);
+    io.b_hn = in<T>(b_hn), io.h0 = in<T>(h0), io.valid = valid.typed_data();
+    io.hs = out<T>(hs), io.acts = acts->element_count() ? out<T>(acts) : nullptr;
+    gru_forward<T>(pool, sizes_of(x, h0, reverse, masked), io);
+  });
+}
+
+template <typename T>
+GruBuffers<T> gru_backward_inputs(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w_ih,
+                                  const ffi::AnyBuffer& w_hh, const ffi::AnyBuffer& acts,
+                                  const ffi::AnyBuffer& hs, const ffi::AnyBuffer& h0,
+                                  const ffi::AnyBuffer& dys, const ffi::AnyBuffer& dh_n,
+                                  const ffi::Buffer<ffi::U8>& valid) {
+  GruBuffers<T> io{};
+  io.x = in<T>(x), io.w_ih = in<T>(w_ih), io.w_hh = in<T>(w_hh), io.h0 = in<T>(h0);
+  io.valid = valid.typed_data();
+  io.acts = const_cast<T*>(in<T>(acts)), io.hs = const_cast<T*>(in<T>(hs));  // read only
+  io.dys = in<T>(dys), io.dh_n = in<T>(dh_n);
+  return io;
+}
+
+#define JLSTM_GRU_BACKWARD_PARAMS                                                              \
+  ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh,             \
+      ffi::AnyBuffer acts, ffi::AnyBuffer hs, ffi::AnyBuffer h0, ffi::AnyBuffer dys,            \
+      ffi::AnyBuffer dh_n, ffi::Buffer<ffi::U8> valid, int64_t reverse, int64_t masked
+
+// Weights in the loop: results dx, dW_ih, dW_hh, d(folded bias), db_hn, dh0.
+ffi::Error GruBackwardImpl(JLSTM_GRU_BACKWARD_PARAMS, ffi::Result<ffi::AnyBuffer> dx,
+                           ffi::Result<ffi::AnyBuffer> dw_ih, ffi::Result<ffi::AnyBuffer> dw_hh,
+                           ffi::Result<ffi::AnyBuffer> db, ffi::Result<ffi::AnyBuffer> db_hn,
+                           ffi::Result<ffi::AnyBuffer> dh0) {
+  return by_dtype(x.element_type(), [&]<typename T>() {
+    GruBuffers<T> io = gru_backward_inputs<T>(x, w_ih, w_hh, acts, hs, h0, dys, dh_n, valid);
+    io.dx = out<T>(dx), io.dw_ih = out<T>(dw_ih), io.dw_hh = out<T>(dw_hh), io.db = out<T>(db);
+    io.db_hn = out<T>(db_hn), io.dh0 = out<T>(dh0);
+    gru_backward<T>(pool, sizes_of(x, h0, reverse, masked), io);
+  });
+}
+
+// Gate gradients out: results dxw, dhw, dh0.
+ffi::Error GruBackwardGatesImpl(JLSTM_GRU_BACKWARD_PARAMS, ffi::Result<ffi::AnyBuffer> dxw,
+                                ffi::Result<ffi::AnyBuffer> dhw, ffi::Result<ffi::AnyBuffer> dh0) {
+  return by_dtype(x.element_type(), [&]<typename T>() {
+    GruBuffers<T> io = gru_backward_inputs<T>(x, w_ih, w_hh, acts, hs, h0, dys, dh_n, valid);
+    io.dxw = out<T>(dxw), io.dhw = out<T>(dhw), io.dh0 = out<T>(dh0);
+    gru_backward<T>(pool, sizes_of(x, h0, reverse, masked), io);
+  });
+}
+
 }  // namespace
 
 #define JLSTM_FORWARD_ARGS                      \
@@ -678,3 +904,49 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmBackwardGates, LstmBackwardGatesImpl,
                                   .Ret<ffi::AnyBuffer>()    // dgates
                                   .Ret<ffi::AnyBuffer>()    // dh0
                                   .Ret<ffi::AnyBuffer>());  // dc0
+
+// The GRU's forward serves training and inference alike: for inference `acts` is an empty buffer.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmGruForward, GruForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()        // x
+                                  .Arg<ffi::AnyBuffer>()        // w_ih
+                                  .Arg<ffi::AnyBuffer>()        // w_hh
+                                  .Arg<ffi::AnyBuffer>()        // folded bias
+                                  .Arg<ffi::AnyBuffer>()        // b_hn
+                                  .Arg<ffi::AnyBuffer>()        // h0
+                                  .Arg<ffi::Buffer<ffi::U8>>()  // valid
+                                  .Attr<int64_t>("reverse")
+                                  .Attr<int64_t>("masked")
+                                  .Ret<ffi::AnyBuffer>()    // hs
+                                  .Ret<ffi::AnyBuffer>());  // [r | z | n | hn] or empty
+
+#define JLSTM_GRU_BACKWARD_ARGS                               \
+  ffi::Ffi::Bind()                                            \
+      .Ctx<ffi::ThreadPool>()                                 \
+      .Arg<ffi::AnyBuffer>()       /* x */                    \
+      .Arg<ffi::AnyBuffer>()       /* w_ih */                 \
+      .Arg<ffi::AnyBuffer>()       /* w_hh */                 \
+      .Arg<ffi::AnyBuffer>()       /* [r | z | n | hn] */     \
+      .Arg<ffi::AnyBuffer>()       /* hs */                   \
+      .Arg<ffi::AnyBuffer>()       /* h0 */                   \
+      .Arg<ffi::AnyBuffer>()       /* dys */                  \
+      .Arg<ffi::AnyBuffer>()       /* dh_n */                 \
+      .Arg<ffi::Buffer<ffi::U8>>() /* valid */                \
+      .Attr<int64_t>("reverse")                               \
+      .Attr<int64_t>("masked")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmGruBackward, GruBackwardImpl,
+                              JLSTM_GRU_BACKWARD_ARGS
+                                  .Ret<ffi::AnyBuffer>()    // dx
+                                  .Ret<ffi::AnyBuffer>()    // dW_ih
+                                  .Ret<ffi::AnyBuffer>()    // dW_hh
+                                  .Ret<ffi::AnyBuffer>()    // d(folded bias)
+                                  .Ret<ffi::AnyBuffer>()    // db_hn
+                                  .Ret<ffi::AnyBuffer>());  // dh0
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmGruBackwardGates, GruBackwardGatesImpl,
+                              JLSTM_GRU_BACKWARD_ARGS
+                                  .Ret<ffi::AnyBuffer>()    // dxw
+                                  .Ret<ffi::AnyBuffer>()    // dhw
+                                  .Ret<ffi::AnyBuffer>());  // dh0
