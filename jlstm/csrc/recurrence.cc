@@ -1,17 +1,19 @@
-// The LSTM time loop for XLA CPU, as two XLA FFI custom calls (jlstm.native builds and loads it).
+// The LSTM and GRU time loops for XLA CPU, as XLA FFI custom calls (jlstm.native builds, loads and
+// wraps them in jax.custom_vjp).
 //
-// XLA CPU runs a while loop's body on one core, and a step of a small LSTM is too little work for
-// its thread pool to split, so a jitted lax.scan uses one of the machine's cores. Here the time loop
-// runs in C++: each of T threads owns a contiguous block of hidden units, computes the four gates
-// of those units with one small GEMM per step (its own register-tiled kernel), updates their cells, and
-// meets the others at one barrier per step (the next step's GEMM reads every unit of h). This is how
-// oneDNN's fused RNN kernels use several cores on a sequential recurrence.
+// XLA CPU runs a while loop's body on one core, and a step of a small recurrent layer is too little
+// work for its thread pool to split, so a jitted lax.scan uses one of the machine's cores. Here the
+// time loop runs in C++: each thread of a team owns a contiguous block of hidden units, computes
+// the gates of those units from [x_t, h_{t-1}] with small register-tiled GEMMs (the weights packed
+// once per call), updates their state, and meets the others at one barrier per step (the next
+// step's GEMM reads every unit of h). This is how oneDNN's fused RNN kernels use several cores on a
+// sequential recurrence.
 //
-// The forward takes the input projection x_t W_ih^T + b of every step, computed before the loop as
-// one large GEMM by XLA, and saves the gate activations, c_t and tanh(c_t). The backward runs the
-// loop backwards and returns every step's gate gradients; XLA then forms dW_ih, dW_hh, db and dx as
-// whole-sequence GEMMs (jlstm.recurrence). Packed sequences: a step whose `valid` byte is 0 keeps
-// the carry (h, c) and passes (dh, dc) through, with zero gate gradients.
+// Per layer direction: a forward that saves what the backward needs (gate activations, and for the
+// LSTM c_t and tanh(c_t)), or nothing when no gradient is taken; a backward that runs the loop
+// backwards and either sums the weight gradients itself or hands every step's gate gradients to
+// XLA's whole-sequence GEMMs (jlstm.native chooses by size). Packed sequences: a step whose
+// `valid` byte is 0 keeps the carry and passes its gradient through, with zero gate gradients.
 
 #include <algorithm>
 #include <atomic>
@@ -252,9 +254,9 @@ struct Team {
 
 // Runs job(k, size) for k < size on a team of at most n threads: the caller and the helpers from
 // XLA's pool that start before the caller stops waiting for them. It waits longer the more work
-// there is to share (`flops`, at roughly 10 GFLOP/s of waiting per microsecond... i.e. an eighth
-// of one core's time for the job), between 20 us and 2 ms: a sleeping pool thread takes tens of
-// microseconds to wake. Returns the team's size.
+// there is to share (`flops`: up to an eighth of the job's time on one core at ~80 GFLOP/s),
+// between 20 us and 2 ms, since a sleeping pool thread takes tens of microseconds to wake.
+// Returns the team's size.
 int run_team(ffi::ThreadPool& pool, int n, double flops,
              const std::function<void(int, int)>& job) {
   const int helpers = static_cast<int>(std::min<int64_t>(n - 1, pool.num_threads()));
