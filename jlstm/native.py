@@ -1,13 +1,14 @@
 """The LSTM and GRU time loops on XLA CPU as C++ custom calls that run each step on every core.
 
-XLA CPU runs a ``lax.scan`` body on one core: a step of a small LSTM is too little work for its
-thread pool. ``csrc/recurrence.cc`` runs the loop in C++ instead, splitting the hidden units over
-threads with one small GEMM per thread and step and one barrier per step, as oneDNN does (see the
-file's header). This module compiles it on first use with the machine's C++ compiler against
-JAX's FFI headers (nothing else), caches the library under
-``$JLSTM_CACHE`` (default ``~/.cache/jlstm``), registers it with XLA, and wraps it as
-:func:`lstm_recurrence`, the same function as :func:`jlstm.recurrence.lstm_recurrence` with the
-same hand-written backward around it (whole-sequence weight-gradient GEMMs after the loop).
+XLA CPU runs a ``lax.scan`` body on one core: a step of a small recurrent layer is too little work
+for its thread pool. ``csrc/recurrence.cc`` runs the loop in C++ instead, splitting the hidden units
+over threads with small GEMMs per thread and step and one barrier per step, as oneDNN does (see
+the file's header). This module compiles it on first use with the machine's C++ compiler against
+JAX's FFI headers (nothing else), caches the library under ``$JLSTM_CACHE`` (default
+``~/.cache/jlstm``), registers it with XLA, and wraps it as :func:`lstm_recurrence` and
+:func:`gru_recurrence`, the same functions as in :mod:`jlstm.recurrence`, each with a hand-written
+backward: the C++ backward loop, which also sums the weight gradients while they fit
+(:data:`WEIGHTS_IN_LOOP_BYTES`), else hands the gate gradients to whole-sequence XLA GEMMs.
 
 ``python -m jlstm.native`` builds it and reports; :func:`available` says whether it can be used.
 """
@@ -111,9 +112,9 @@ def _load() -> None:
 
 @functools.cache
 def unavailable_reason() -> str | None:
-    """None if the native LSTM is built and registered, else why not (built on first call)."""
+    """None if the native loops are built and registered, else why not (built on first call)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"the native LSTM is built for Linux x86-64 only, this is {platform.platform()}"
+        return f"the native loops are built for Linux x86-64 only, this is {platform.platform()}"
     try:
         _load()
     except (NativeUnavailable, OSError) as e:
@@ -122,12 +123,12 @@ def unavailable_reason() -> str | None:
 
 
 def available() -> bool:
-    """Whether :func:`lstm_recurrence` can run here (builds the library on the first call)."""
+    """Whether the native loops can run here (builds the library on the first call)."""
     return unavailable_reason() is None
 
 
 def applies(x: jax.Array) -> bool:
-    """Whether ``impl="auto"`` takes the native loop for an LSTM direction over ``x``: on XLA CPU,
+    """Whether ``impl="auto"`` takes the native loop for a direction over ``x``: on XLA CPU,
     in float32 or float64, with a non-empty sequence, and the library available."""
     return (
         jax.default_backend() == "cpu"
@@ -183,8 +184,14 @@ def _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
         valid=valid,
         reverse=reverse,
     )
+    return (*_outputs(hs, valid, reverse), c_n), (hs, *saved)
+
+
+def _outputs(hs, valid, reverse):
+    """``(ys, h_n)`` from every step's carried h: outputs past a sequence's length are zero, and
+    the last step processed holds h_n."""
     ys = hs if valid is None else jnp.where(valid, hs, jnp.zeros_like(hs))
-    return (ys, hs[0] if reverse else hs[-1], c_n), (hs, *saved)
+    return ys, hs[0] if reverse else hs[-1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -263,8 +270,7 @@ def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save):
         valid=valid,
         reverse=reverse,
     )
-    ys = hs if valid is None else jnp.where(valid, hs, jnp.zeros_like(hs))
-    return (ys, hs[0] if reverse else hs[-1]), (hs, acts)
+    return _outputs(hs, valid, reverse), (hs, acts)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
