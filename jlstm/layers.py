@@ -112,22 +112,14 @@ def _check_impl(
 ) -> None:
     if impl not in IMPLS:
         raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "fused" and (kind == "rnn" or structure.proj_size):
+    loops = {"fused": "hand-written backward", "native": "the C++ CPU loop"}
+    if impl in loops and (kind == "rnn" or structure.proj_size):
         raise ValueError(
-            f"{fn}: impl='fused' (hand-written backward) covers LSTM without proj_size and GRU; "
+            f"{fn}: impl='{impl}' ({loops[impl]}) covers LSTM without proj_size and GRU; "
             f"this is {'an RNN' if kind == 'rnn' else 'an LSTM with proj_size'}: use impl='auto'"
         )
-    if impl == "native":
-        if kind == "rnn" or structure.proj_size:
-            raise ValueError(
-                f"{fn}: impl='native' (the C++ CPU loop) covers LSTM without proj_size and GRU; "
-                f"this is {'an RNN' if kind == 'rnn' else 'an LSTM with proj_size'}: use impl='auto'"
-            )
-        reason = native.unavailable_reason()
-        if reason is not None:
-            raise ValueError(
-                f"{fn}: impl='native' is not available here: {reason}; use impl='auto'"
-            )
+    if impl == "native" and (reason := native.unavailable_reason()) is not None:
+        raise ValueError(f"{fn}: impl='native' is not available here: {reason}; use impl='auto'")
     if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
         raise ValueError(
             f"{fn}: unroll must be an int >= 1 (time steps per loop iteration), got {unroll!r}"
@@ -178,28 +170,18 @@ def _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist=None, impl="fus
     # In x's dtype (the promoted one, see _run): the hand-written backward then returns each
     # gradient in its parameter's own dtype through astype's transpose.
     w_ih, w_hh, bias, b_hn = (a.astype(x.dtype) for a in (w.w_ih, w.w_hh, bias, b_hn))
-    if hoist is None:
+    if impl == "native" or (impl == "auto" and native.applies(x)):
+        loop, speed = native, ()  # the C++ loop has no unroll or hoist
+    else:
         # On XLA CPU the input projection runs faster inside the step (see jlstm.recurrence).
-        hoist = jax.default_backend() != "cpu"
-    in_cpp = impl == "native" or (impl == "auto" and native.applies(x))
-    if kind == "lstm" and in_cpp:
-        w_ih, w_hh, bias, x, carry = _vary_like((w_ih, w_hh, bias, x, carry))
-        ys, h, c = native.lstm_recurrence(w_ih, w_hh, bias, x, *carry, valid, reverse)
-        return (h, c), ys
-    if kind == "gru" and in_cpp:
-        w_ih, w_hh, bias, b_hn, x, carry = _vary_like((w_ih, w_hh, bias, b_hn, x, carry))
-        ys, h = native.gru_recurrence(w_ih, w_hh, bias, b_hn, x, carry, valid, reverse)
-        return h, ys
+        hoist = jax.default_backend() != "cpu" if hoist is None else hoist
+        loop, speed = recurrence, (unroll, hoist)
     if kind == "lstm":
         w_ih, w_hh, bias, x, carry = _vary_like((w_ih, w_hh, bias, x, carry))
-        ys, h, c = recurrence.lstm_recurrence(
-            w_ih, w_hh, bias, x, *carry, valid, reverse, unroll, hoist
-        )
+        ys, h, c = loop.lstm_recurrence(w_ih, w_hh, bias, x, *carry, valid, reverse, *speed)
         return (h, c), ys
     w_ih, w_hh, bias, b_hn, x, carry = _vary_like((w_ih, w_hh, bias, b_hn, x, carry))
-    ys, h = recurrence.gru_recurrence(
-        w_ih, w_hh, bias, b_hn, x, carry, valid, reverse, unroll, hoist
-    )
+    ys, h = loop.gru_recurrence(w_ih, w_hh, bias, b_hn, x, carry, valid, reverse, *speed)
     return h, ys
 
 
