@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlstm.recurrence import _input_grads, _weight_grad
+from jlstm.recurrence import _input_grads, _outputs, _previous, _weight_grad
 
 SOURCE = Path(__file__).parent / "csrc" / "recurrence.cc"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd")
@@ -187,13 +187,6 @@ def _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
     return (*_outputs(hs, valid, reverse), c_n), (hs, *saved)
 
 
-def _outputs(hs, valid, reverse):
-    """``(ys, h_n)`` from every step's carried h: outputs past a sequence's length are zero, and
-    the last step processed holds h_n."""
-    ys = hs if valid is None else jnp.where(valid, hs, jnp.zeros_like(hs))
-    return ys, hs[0] if reverse else hs[-1]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def lstm_recurrence(w_ih, w_hh, bias, x, h0, c0, valid, reverse=False):
     """``(ys, h_n, c_n)`` of one LSTM direction without projection, as
@@ -244,11 +237,6 @@ def _bwd(reverse, residuals, cotangents):
     dw_ih, dbias, dx = _input_grads(dgates, x, w_ih)
     hs_prev = _previous(hs, h0, reverse)
     return dw_ih, _weight_grad(dgates, hs_prev), dbias, dx, dh0, dc0, None
-
-
-def _previous(hs, h0, reverse):
-    """h_{t-1} of every step, in time order: h0 sits before the first step processed."""
-    return jnp.concatenate([hs[1:], h0[None]]) if reverse else jnp.concatenate([h0[None], hs[:-1]])
 
 
 lstm_recurrence.defvjp(_fwd, _bwd)

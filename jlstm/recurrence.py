@@ -60,6 +60,18 @@ def _input_grads(dxw, x, w_ih):
     return _weight_grad(dxw, x), jnp.sum(dxw, axis=(0, 1)), dxw @ w_ih
 
 
+def _outputs(hs, valid, reverse):
+    """``(ys, h_n)`` from every step's carried h: outputs past a sequence's length are zero, and
+    the last step processed holds h_n."""
+    ys = hs if valid is None else jnp.where(valid, hs, jnp.zeros_like(hs))
+    return ys, hs[0] if reverse else hs[-1]
+
+
+def _previous(hs, h0, reverse):
+    """h_{t-1} of every step, in time order: h0 sits before the first step processed."""
+    return jnp.concatenate([hs[1:], h0[None]]) if reverse else jnp.concatenate([h0[None], hs[:-1]])
+
+
 # --------------------------------------------------------------------------------------------
 # LSTM
 
