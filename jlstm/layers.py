@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jlstm import cells, native, recurrence
+from jlstm import cells, cudnn, native, pallas, recurrence
 from jlstm import params as P
 
 
@@ -84,16 +84,21 @@ def _check_lengths(
             f"{fn}: seq_lengths has shape {lengths.shape} but x has batch size {batch}; "
             f"expected shape ({batch},), one length per sequence"
         )
-    try:
-        concrete = np.asarray(lengths)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return lengths  # traced: values cannot be checked here
-    if concrete.size and (concrete.min() < 0 or concrete.max() > length):
+    concrete = _concrete(lengths)
+    if concrete is not None and concrete.size and (concrete.min() < 0 or concrete.max() > length):
         raise ValueError(
             f"{fn}: seq_lengths must lie in [0, {length}] (the padded seq_len), got "
             f"min {concrete.min()} and max {concrete.max()}; pad x to the longest sequence"
         )
     return lengths
+
+
+def _concrete(lengths) -> np.ndarray | None:
+    """The lengths' values, or None when they are traced (unknown at trace time)."""
+    try:
+        return np.asarray(lengths)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 def _check_dropout(fn: str, dropout) -> None:
@@ -104,7 +109,7 @@ def _check_dropout(fn: str, dropout) -> None:
         )
 
 
-IMPLS = ("auto", "native", "fused", "scan")
+IMPLS = ("auto", "native", "fused", "scan", "pallas", "cudnn")
 
 
 def _check_impl(
@@ -112,11 +117,21 @@ def _check_impl(
 ) -> None:
     if impl not in IMPLS:
         raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
-    loops = {"fused": "hand-written backward", "native": "the C++ CPU loop"}
+    loops = {
+        "fused": "hand-written backward",
+        "native": "the C++ CPU loop",
+        "pallas": "the Pallas kernels",
+    }
     if impl in loops and (kind == "rnn" or structure.proj_size):
         raise ValueError(
             f"{fn}: impl='{impl}' ({loops[impl]}) covers LSTM without proj_size and GRU; "
             f"this is {'an RNN' if kind == 'rnn' else 'an LSTM with proj_size'}: use impl='auto'"
+        )
+    if impl == "cudnn" and (kind != "lstm" or structure.proj_size):
+        what = "an LSTM with proj_size" if kind == "lstm" else f"a {kind.upper()}"
+        raise ValueError(
+            f"{fn}: impl='cudnn' (jax.experimental.rnn) covers LSTM without proj_size; "
+            f"this is {what}: use impl='auto'"
         )
     if impl == "native" and (reason := native.unavailable_reason()) is not None:
         raise ValueError(f"{fn}: impl='native' is not available here: {reason}; use impl='auto'")
@@ -172,6 +187,8 @@ def _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist=None, impl="fus
     w_ih, w_hh, bias, b_hn = (a.astype(x.dtype) for a in (w.w_ih, w.w_hh, bias, b_hn))
     if impl == "native" or (impl == "auto" and native.applies(x)):
         loop, speed = native, ()  # the C++ loop has no unroll or hoist
+    elif impl == "pallas" or (impl == "auto" and pallas.applies(x, w.w_hh.shape[1])):
+        loop, speed = pallas, ()  # one kernel per loop: no unroll, the projection is hoisted
     else:
         # On XLA CPU the input projection runs faster inside the step (see jlstm.recurrence).
         hoist = jax.default_backend() != "cpu" if hoist is None else hoist
@@ -270,6 +287,12 @@ def _stack(
     )
     finals = []
     for layer, directions in enumerate(layers):
+        if impl == "cudnn":  # both directions in one cuDNN call
+            rows = slice(layer * len(directions), (layer + 1) * len(directions))
+            x, h, c = cudnn.layer(directions, x, state[0][rows], state[1][rows], lengths)
+            finals += list(zip(h, c, strict=True))
+            x, key = _dropout(x, dropout, key, layer == len(layers) - 1)
+            continue
         outputs = []
         for direction, w in enumerate(directions):
             index = layer * len(directions) + direction
@@ -289,11 +312,18 @@ def _stack(
             finals.append(carry)
             outputs.append(y)
         x = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
-        if dropout and key is not None and layer < len(layers) - 1:
-            key, sub = jax.random.split(key)
-            keep = jax.random.bernoulli(sub, 1.0 - dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
+        x, key = _dropout(x, dropout, key, layer == len(layers) - 1)
     return x, jax.tree.map(lambda *s: jnp.stack(s), *finals)
+
+
+def _dropout(x, rate, key, last):
+    """torch's dropout on the outputs of every layer but the ``last``: ``(x, the key left for the
+    next layer)``."""
+    if not rate or key is None or last:
+        return x, key
+    key, sub = jax.random.split(key)
+    keep = jax.random.bernoulli(sub, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)), key
 
 
 def _run(
@@ -319,10 +349,23 @@ def _run(
     length, batch = x.shape[:2]
     lengths = _check_lengths(fn, seq_lengths, length, batch, batched)
     dtype = jnp.result_type(x, structure.layers[0][0].w_hh)
-    if impl == "native" and (jax.default_backend() != "cpu" or dtype not in native.DTYPES):
+    backend = jax.default_backend()
+    if impl == "native" and (backend != "cpu" or dtype not in native.DTYPES):
         raise ValueError(
             f"{fn}: impl='native' runs float32 or float64 on the CPU backend; this call is "
-            f"{jnp.dtype(dtype).name} on {jax.default_backend()}: use impl='auto'"
+            f"{jnp.dtype(dtype).name} on {backend}: use impl='auto'"
+        )
+    reasons = {
+        "pallas": lambda: pallas.unavailable_reason(backend, dtype, structure.hidden_size),
+        "cudnn": lambda: cudnn.unavailable_reason(backend, dtype, checkpoint_every),
+    }
+    if impl in reasons and (reason := reasons[impl]()) is not None:
+        raise ValueError(f"{fn}: impl='{impl}' cannot run this call: {reason}; use impl='auto'")
+    concrete = None if lengths is None else _concrete(lengths)
+    if impl == "cudnn" and concrete is not None and concrete.size and concrete.min() == 0:
+        raise ValueError(
+            f"{fn}: impl='cudnn' needs every seq_length >= 1 (cuDNN has no empty sequences), got "
+            "a 0: drop the empty sequences, or use impl='auto'"
         )
     rows = structure.num_layers * structure.num_directions
     h_shape = (rows, batch, structure.output_size)
@@ -385,8 +428,12 @@ def lstm(
         loop of :mod:`jlstm.native` (CPU, float32/float64, LSTM without ``proj_size`` and GRU;
         auto's choice there),
         ``"fused"`` for the ``lax.scan`` loop with the hand-written backward of
-        :mod:`jlstm.recurrence` (auto's choice elsewhere, without ``proj_size``), or ``"scan"``
-        for plain autodiff through ``lax.scan`` over the cell. All give torch's numbers.
+        :mod:`jlstm.recurrence` (auto's choice elsewhere, without ``proj_size``), ``"scan"``
+        for plain autodiff through ``lax.scan`` over the cell, ``"pallas"`` for the Pallas
+        kernels of :mod:`jlstm.pallas` (one kernel per direction's time loop; Triton on CUDA GPUs,
+        interpreted on CPU; H <= 128), or ``"cudnn"`` for cuDNN's LSTM through
+        ``jax.experimental.rnn`` (:mod:`jlstm.cudnn`; CUDA GPUs, float32, LSTM only, lengths >= 1).
+        The last two are opt-in until measured on a GPU (README). All give torch's numbers.
       unroll: time steps per loop iteration (``lax.scan``'s ``unroll``); a speed knob only.
       checkpoint_every: memory knob for training on long sequences: the backward pass keeps the
         state every ``checkpoint_every`` steps and recomputes the steps in between

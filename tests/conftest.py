@@ -17,3 +17,27 @@ def torch():
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
     return torch
+
+
+@pytest.fixture
+def cudnn_on_cpu(monkeypatch):
+    """impl="cudnn" on this CPU: jax.experimental.rnn's reference LSTM (``lstm_ref``, what its
+    cuDNN call computes) stands in for the cuDNN call, which lowers only for CUDA. What is tested is
+    jlstm's side: the flat weight vector, the batch-major layout, states, lengths, dropout between
+    layers and the gradients back to torch-named parameters."""
+    from jax.experimental import rnn
+
+    from jlstm import cudnn
+
+    def reference(x, h0, c0, weights, seq_lengths, *, precision, **sizes):
+        assert precision == jax.lax.Precision.HIGHEST  # IEEE float32, not TF32
+        names = ("input_size", "hidden_size", "num_layers", "bidirectional")
+        unpacked = rnn.unpack_lstm_weights(weights, *(sizes[k] for k in names))
+        static = [sizes[k] for k in ("input_size", "hidden_size", "num_layers", "dropout")]
+        return rnn.lstm_ref(x, h0, c0, *unpacked, seq_lengths, *static, sizes["bidirectional"])
+
+    monkeypatch.setattr(rnn, "lstm", reference)
+    monkeypatch.setattr(cudnn, "unavailable_reason", lambda *args: None)
+    jax.clear_caches()  # the layer stack is jitted: retrace with the stand-in
+    yield
+    jax.clear_caches()

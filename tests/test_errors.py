@@ -262,9 +262,10 @@ def test_pad_sequence_mismatched_trailing_shape():
 def test_unknown_impl():
     with pytest.raises(
         ValueError,
-        match=r"impl must be one of \('auto', 'native', 'fused', 'scan'\), got 'cudnn'",
+        match=r"impl must be one of \('auto', 'native', 'fused', 'scan', 'pallas', 'cudnn'\), "
+        r"got 'triton'",
     ):
-        jlstm.lstm(LSTM, X, impl="cudnn")
+        jlstm.lstm(LSTM, X, impl="triton")
 
 
 def test_fused_impl_not_available_for_projection():

@@ -20,14 +20,16 @@ INPUTS = ("param.", "R.", "x", "h0", "c0", "lengths")
 CASES = [pytest.param(case, id=case.id) for case in cases.CASES]
 # float32 compiles everything a second time; a covering subset keeps every kind x feature.
 F32_CASES = [pytest.param(case, id=case.id) for case in cases.covering_subset(cases.CASES)]
-# LSTM and GRU layers have two fast paths: the C++ loop (jlstm.native, impl="auto" on CPU) and the
-# lax.scan loop with the hand-written backward (impl="fused", auto's choice on GPU/TPU). Both run
-# the grid.
+# LSTM and GRU layers have four fast paths, each run on the grid: the C++ loop (jlstm.native,
+# impl="auto" on CPU), the lax.scan loop with the hand-written backward (impl="fused", auto's choice
+# on GPU/TPU), the Pallas kernels (impl="pallas", interpreted here) and, for LSTM, cuDNN through
+# jax.experimental.rnn (impl="cudnn", its reference standing in for the cuDNN call here).
 FAST_PATHS = [
     pytest.param(impl, case, id=f"{impl}-{case.id}")
-    for impl in ("native", "fused")
+    for impl in ("native", "fused", "pallas", "cudnn")
     for (case,) in (c.values for c in CASES)
     if case.base in ("lstm", "gru") and not case.is_cell and not case.proj_size
+    if impl != "cudnn" or case.base == "lstm"
 ]
 
 
@@ -128,7 +130,9 @@ def test_golden_float64(golden, case):
 
 
 @pytest.mark.parametrize("impl,case", FAST_PATHS)
-def test_golden_float64_each_fast_path(golden, impl, case):
+def test_golden_float64_each_fast_path(golden, impl, case, request):
+    if impl == "cudnn":
+        request.getfixturevalue("cudnn_on_cpu")
     inputs, want = _split(golden[case.id])
     got = jlstm_reference(case, inputs, impl)
     assert_matches(got, want, np.float64, rtol=1e-9, atol=1e-9)

@@ -1,0 +1,413 @@
+"""The LSTM and GRU time loops as Pallas kernels (Triton on CUDA GPUs, interpreted on CPU).
+
+A ``lax.scan`` over a small recurrent layer on a GPU launches a few kernels per time step, and
+those launches, not the arithmetic, set its speed. Here each direction's whole time loop is one
+kernel: a program per block of 16 sequences keeps ``h`` and ``c`` in registers across all steps,
+reads the hoisted input projection of step ``t`` (one large XLA GEMM before the loop) and forms the
+four gates as ``h @ W_hh[k].T`` from the gate's ``(H, H)`` weight tile. The backward is a second
+kernel that runs the loop in reverse and writes every step's gate gradients; XLA then forms
+``dW_ih``, ``dW_hh``, the biases and ``dx`` as whole-sequence GEMMs (:mod:`jlstm.recurrence`), as
+cuDNN does. Sequences are independent, so the blocks need no synchronisation at all.
+
+Triton wants power-of-two tiles of at least 16: hidden units and sequences are zero-padded to
+that inside the wrappers. Padding is exact: a padded unit sees zero weights and zero states, so its
+gates are sigmoid(0) or tanh(0) and its ``c`` and ``h`` stay zero, and padded sequences are cut off.
+A gate tile is ``(Hp, Hp)``, so the kernels take hidden sizes up to :data:`MAX_HIDDEN`; past that
+the step is a large GEMM that XLA's own loop already runs well.
+
+On CPU the same kernels run in Pallas' interpret mode, slowly but exactly, which is how the test
+suite checks them against the other paths and torch without a GPU; ``lowered_for_cuda`` lowers
+them to Triton IR for CUDA without one.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jlstm.recurrence import _input_grads, _outputs, _previous, _weight_grad
+
+DTYPES = (jnp.float32, jnp.float64)
+MAX_HIDDEN = 128  # a (128, 128) float32 gate tile is 64 KiB of shared memory
+BLOCK = 16  # sequences per program: Triton's smallest dot operand
+
+
+def _compiler_params():
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=8, num_stages=1)
+
+
+def unavailable_reason(backend: str, dtype, hidden: int) -> str | None:
+    """Why :func:`lstm_recurrence` / :func:`gru_recurrence` cannot run here, or None."""
+    if backend not in ("gpu", "cpu"):
+        return f"Pallas' Triton kernels run on CUDA GPUs (and interpreted on CPU), not on {backend}"
+    if jnp.dtype(dtype) not in DTYPES:
+        return f"the kernels run float32 or float64, not {jnp.dtype(dtype).name}"
+    if hidden > MAX_HIDDEN:
+        return f"hidden_size {hidden} is over {MAX_HIDDEN}, the largest gate tile the kernels hold"
+    return None
+
+
+def applies(x: jax.Array, hidden: int) -> bool:
+    """Whether ``impl="auto"`` takes the kernels: never yet (see README, "GPU"); they are opt-in
+    with ``impl="pallas"`` until they are measured against the ``lax.scan`` path on a GPU."""
+    del x, hidden
+    return False
+
+
+_COMPILE_FOR_GPU = contextvars.ContextVar("jlstm_pallas_compile_for_gpu", default=False)
+
+
+def _interpret() -> bool:
+    return jax.default_backend() != "gpu" and not _COMPILE_FOR_GPU.get()
+
+
+def lowered_for_cuda(fun, *args) -> str:
+    """The StableHLO text of ``jax.jit(fun)(*args)`` lowered for CUDA, with the kernels lowered to
+    Triton IR rather than interpreted: checks on a machine without a GPU that they lower (tile
+    shapes, dtypes, the ops Triton has). Compiling the IR to PTX still needs the GPU's XLA."""
+    token = _COMPILE_FOR_GPU.set(True)
+    try:
+        return jax.jit(fun).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    finally:
+        _COMPILE_FOR_GPU.reset(token)
+
+
+def _pow2(n: int) -> int:
+    return max(BLOCK, 1 << (n - 1).bit_length())
+
+
+def _pad(a, shape):
+    """``a`` zero-padded at the end of every axis to ``shape``."""
+    return jnp.pad(a, [(0, s - d) for s, d in zip(shape, a.shape, strict=True)])
+
+
+def _gate_major(a, gates, hidden_p, batch_p):
+    """``(L, N, G*H)`` -> ``(L, G, Np, Hp)``: one ``(Np, Hp)`` tile per gate, as the kernels load."""
+    length, batch, width = a.shape
+    a = a.reshape(length, batch, gates, width // gates).transpose(0, 2, 1, 3)
+    return _pad(a, (length, gates, batch_p, hidden_p))
+
+
+def _from_gate_major(a, batch, hidden):
+    """Inverse of :func:`_gate_major`: ``(L, G, Np, Hp)`` -> ``(L, N, G*H)``."""
+    length, gates = a.shape[:2]
+    return a[:, :, :batch, :hidden].transpose(0, 2, 1, 3).reshape(length, batch, gates * hidden)
+
+
+def _tiles(w_hh, hidden_p, transpose):
+    """``W_hh (G*H, H)`` as ``(G, Hp, Hp)`` gate tiles: ``W_k.T`` (forward: ``h @ W_k.T``) or
+    ``W_k`` (backward: ``dgates_k @ W_k``)."""
+    gates, hidden = w_hh.shape[0] // w_hh.shape[1], w_hh.shape[1]
+    w = w_hh.reshape(gates, hidden, hidden)
+    return _pad(w.transpose(0, 2, 1) if transpose else w, (gates, hidden_p, hidden_p))
+
+
+def _dot(a, b):
+    # IEEE float32 on the GPU (not TF32), as the other paths and torch's CPU kernels compute.
+    return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=a.dtype)
+
+
+def _sigmoid(x):
+    return 0.5 * jnp.tanh(0.5 * x) + 0.5
+
+
+def _time(s, length, backwards):
+    """Step ``s`` of a loop that walks time forwards, or backwards from the last step."""
+    return length - 1 - s if backwards else s
+
+
+def _previous_state(refs, init, t, length, reverse):
+    """The carry entering step ``t``: the one saved after the step processed before it, or the
+    initial state at the first step processed."""
+    first = length - 1 if reverse else 0
+    before = jnp.clip(t + 1 if reverse else t - 1, 0, length - 1)
+    return jnp.where(t == first, init, refs[before])
+
+
+def _keep(valid_ref, t, new, old):
+    """``new`` where step ``t`` is inside a sequence, else ``old`` (packed-sequence semantics)."""
+    return new if valid_ref is None else jnp.where(valid_ref[t] > 0, new, old)
+
+
+def _call(kernel, outs, ins, block_axes, batch_p, **static):
+    """``pallas_call`` over blocks of :data:`BLOCK` sequences: ``block_axes[i]`` is the axis of
+    ``ins[i]`` (or ``outs[i - len(ins)]``) that holds the sequences, or None for a shared input."""
+
+    def spec(shape, axis):
+        index = [0] * len(shape)
+        if axis is None:
+            return pl.BlockSpec(shape, lambda b: tuple(index))
+        block = (*shape[:axis], BLOCK, *shape[axis + 1 :])
+        return pl.BlockSpec(block, lambda b: (*index[:axis], b, *index[axis + 1 :]))
+
+    shapes = [a.shape for a in ins] + [o.shape for o in outs]
+    specs = [spec(s, a) for s, a in zip(shapes, block_axes, strict=True)]
+    interpret = _interpret()
+    return pl.pallas_call(
+        functools.partial(kernel, **static),
+        out_shape=outs,
+        grid=(batch_p // BLOCK,),
+        in_specs=specs[: len(ins)],
+        out_specs=specs[len(ins) :],
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(),
+    )(*ins)
+
+
+def _valid(valid, batch_p, dtype):
+    """``valid (L, N, 1)`` bool as ``(L, Np, 1)`` numbers (Triton loads no bools), or None."""
+    if valid is None:
+        return None
+    return _pad(valid.astype(dtype), (valid.shape[0], batch_p, 1))
+
+
+def _sizes(x, hidden):
+    return _pow2(x.shape[1]), _pow2(hidden)
+
+
+# --------------------------------------------------------------------------------------------
+# LSTM
+
+
+def _lstm_forward_kernel(xw_ref, w_ref, h0_ref, c0_ref, *refs, masked, reverse, save):
+    valid_ref, refs = (refs[0], refs[1:]) if masked else (None, refs)
+    hs_ref, c_n_ref, *saved = refs
+    length = xw_ref.shape[0]
+
+    def step(s, carry):
+        h, c = carry
+        t = _time(s, length, reverse)
+        pre = [xw_ref[t, k] + _dot(h, w_ref[k]) for k in range(4)]
+        i, f, o = _sigmoid(pre[0]), _sigmoid(pre[1]), _sigmoid(pre[3])
+        g = jnp.tanh(pre[2])
+        c_new = _keep(valid_ref, t, f * c + i * g, c)
+        h_new = _keep(valid_ref, t, o * jnp.tanh(c_new), h)
+        hs_ref[t] = h_new
+        if save:
+            acts_ref, cs_ref = saved
+            for k, a in enumerate((i, f, g, o)):
+                acts_ref[t, k] = a
+            cs_ref[t] = c_new
+        return h_new, c_new
+
+    _, c_n = lax.fori_loop(0, length, step, (h0_ref[...], c0_ref[...]))
+    c_n_ref[...] = c_n
+
+
+def _lstm_backward_kernel(
+    dys_ref, acts_ref, cs_ref, c0_ref, w_ref, dh_ref, dc_ref, *refs, masked, reverse
+):
+    valid_ref, refs = (refs[0], refs[1:]) if masked else (None, refs)
+    dgates_ref, dh0_ref, dc0_ref = refs
+    length = dys_ref.shape[0]
+
+    def step(s, carry):
+        dh, dc = carry
+        t = _time(s, length, not reverse)
+        i, f, g, o = (acts_ref[t, k] for k in range(4))
+        c_prev = _previous_state(cs_ref, c0_ref[...], t, length, reverse)
+        tanh_c = jnp.tanh(cs_ref[t])
+        dh_total = dh + dys_ref[t]
+        dc_total = dc + dh_total * o * (1 - tanh_c * tanh_c)
+        dgates = (
+            dc_total * g * i * (1 - i),
+            dc_total * c_prev * f * (1 - f),
+            dc_total * i * (1 - g * g),
+            dh_total * tanh_c * o * (1 - o),
+        )
+        dgates = [_keep(valid_ref, t, d, jnp.zeros_like(d)) for d in dgates]
+        for k, d in enumerate(dgates):
+            dgates_ref[t, k] = d
+        dh_prev = sum(_dot(d, w_ref[k]) for k, d in enumerate(dgates))
+        return _keep(valid_ref, t, dh_prev, dh), _keep(valid_ref, t, dc_total * f, dc)
+
+    dh0, dc0 = lax.fori_loop(0, length, step, (dh_ref[...], dc_ref[...]))
+    dh0_ref[...], dc0_ref[...] = dh0, dc0
+
+
+def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
+    length, batch, hidden = x.shape[0], x.shape[1], h0.shape[-1]
+    batch_p, hidden_p = _sizes(x, hidden)
+    xw = _gate_major(x @ w_ih.T + bias[None, None], 4, hidden_p, batch_p)
+    states = [_pad(s, (batch_p, hidden_p)) for s in (h0, c0)]
+    valid_p = _valid(valid, batch_p, x.dtype)
+    seq = jax.ShapeDtypeStruct((length, batch_p, hidden_p), x.dtype)
+    outs = [seq, jax.ShapeDtypeStruct((batch_p, hidden_p), x.dtype)]
+    if save:
+        outs += [jax.ShapeDtypeStruct(xw.shape, x.dtype), seq]
+    ins = [xw, _tiles(w_hh, hidden_p, True), *states] + ([] if valid_p is None else [valid_p])
+    hs, c_n, *saved = _call(
+        _lstm_forward_kernel,
+        outs,
+        ins,
+        [2, None, 0, 0] + [1] * (valid_p is not None) + [1, 0] + [2, 1] * save,
+        batch_p,
+        masked=valid is not None,
+        reverse=reverse,
+        save=save,
+    )
+    ys, h_n = _outputs(hs[:, :batch, :hidden], valid, reverse)
+    return (ys, h_n, c_n[:batch, :hidden]), (hs, *saved)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def lstm_recurrence(w_ih, w_hh, bias, x, h0, c0, valid, reverse=False):
+    """``(ys, h_n, c_n)`` of one LSTM direction without projection, as
+    :func:`jlstm.recurrence.lstm_recurrence` (same arguments, no ``unroll``/``hoist``)."""
+    return _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save=False)[0]
+
+
+def _lstm_fwd(w_ih, w_hh, bias, x, h0, c0, valid, reverse):
+    out, saved = _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save=True)
+    return out, (w_ih, w_hh, x, h0, c0, valid, saved)
+
+
+def _lstm_bwd(reverse, residuals, cotangents):
+    w_ih, w_hh, x, h0, c0, valid, (hs, acts, cs) = residuals
+    dys, dh_n, dc_n = cotangents
+    batch, hidden = h0.shape
+    batch_p, hidden_p = hs.shape[1:]
+    valid_p = _valid(valid, batch_p, x.dtype)
+    ins = [_pad(dys, hs.shape), acts, cs]
+    ins += [_pad(a, (batch_p, hidden_p)) for a in (c0,)] + [_tiles(w_hh, hidden_p, False)]
+    ins += [_pad(a, (batch_p, hidden_p)) for a in (dh_n, dc_n)]
+    ins += [] if valid_p is None else [valid_p]
+    state = jax.ShapeDtypeStruct((batch_p, hidden_p), x.dtype)
+    dgates, dh0, dc0 = _call(
+        _lstm_backward_kernel,
+        [jax.ShapeDtypeStruct(acts.shape, x.dtype), state, state],
+        ins,
+        [1, 2, 1, 0, None, 0, 0] + [1] * (valid_p is not None) + [2, 0, 0],
+        batch_p,
+        masked=valid is not None,
+        reverse=reverse,
+    )
+    dgates = _from_gate_major(dgates, batch, hidden)
+    dw_ih, dbias, dx = _input_grads(dgates, x, w_ih)
+    hs_prev = _previous(hs[:, :batch, :hidden], h0, reverse)
+    dw_hh = _weight_grad(dgates, hs_prev)
+    return dw_ih, dw_hh, dbias, dx, dh0[:batch, :hidden], dc0[:batch, :hidden], None
+
+
+lstm_recurrence.defvjp(_lstm_fwd, _lstm_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# GRU
+
+
+def _gru_forward_kernel(xw_ref, w_ref, b_hn_ref, h0_ref, *refs, masked, reverse, save):
+    valid_ref, refs = (refs[0], refs[1:]) if masked else (None, refs)
+    hs_ref, *saved = refs
+    length = xw_ref.shape[0]
+
+    def step(s, h):
+        t = _time(s, length, reverse)
+        r = _sigmoid(xw_ref[t, 0] + _dot(h, w_ref[0]))
+        z = _sigmoid(xw_ref[t, 1] + _dot(h, w_ref[1]))
+        hn = _dot(h, w_ref[2]) + b_hn_ref[...]
+        n = jnp.tanh(xw_ref[t, 2] + r * hn)
+        h_new = _keep(valid_ref, t, n + z * (h - n), h)
+        hs_ref[t] = h_new
+        if save:
+            (acts_ref,) = saved
+            for k, a in enumerate((r, z, n, hn)):
+                acts_ref[t, k] = a
+        return h_new
+
+    lax.fori_loop(0, length, step, h0_ref[...])
+
+
+def _gru_backward_kernel(dys_ref, acts_ref, hs_ref, h0_ref, w_ref, dh_ref, *refs, masked, reverse):
+    valid_ref, refs = (refs[0], refs[1:]) if masked else (None, refs)
+    dxw_ref, dhw_ref, dh0_ref = refs
+    length = dys_ref.shape[0]
+
+    def step(s, dh):
+        t = _time(s, length, not reverse)
+        r, z, n, hn = (acts_ref[t, k] for k in range(4))
+        h_prev = _previous_state(hs_ref, h0_ref[...], t, length, reverse)
+        dh_total = dh + dys_ref[t]
+        d_n = dh_total * (1 - z) * (1 - n * n)
+        d_r = d_n * hn * r * (1 - r)
+        d_z = dh_total * (h_prev - n) * z * (1 - z)
+        dhw = [_keep(valid_ref, t, d, jnp.zeros_like(d)) for d in (d_r, d_z, d_n * r)]
+        for k, d in enumerate((d_r, d_z, d_n)):
+            dxw_ref[t, k] = _keep(valid_ref, t, d, jnp.zeros_like(d))
+        for k, d in enumerate(dhw):
+            dhw_ref[t, k] = d
+        dh_prev = dh_total * z + sum(_dot(d, w_ref[k]) for k, d in enumerate(dhw))
+        return _keep(valid_ref, t, dh_prev, dh)
+
+    dh0_ref[...] = lax.fori_loop(0, length, step, dh_ref[...])
+
+
+def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save):
+    length, batch, hidden = x.shape[0], x.shape[1], h0.shape[-1]
+    batch_p, hidden_p = _sizes(x, hidden)
+    xw = _gate_major(x @ w_ih.T + bias[None, None], 3, hidden_p, batch_p)
+    valid_p = _valid(valid, batch_p, x.dtype)
+    outs = [jax.ShapeDtypeStruct((length, batch_p, hidden_p), x.dtype)]
+    if save:
+        outs.append(jax.ShapeDtypeStruct((length, 4, batch_p, hidden_p), x.dtype))
+    ins = [xw, _tiles(w_hh, hidden_p, True), _pad(b_hn[None], (1, hidden_p))]
+    ins += [_pad(h0, (batch_p, hidden_p))] + ([] if valid_p is None else [valid_p])
+    hs, *saved = _call(
+        _gru_forward_kernel,
+        outs,
+        ins,
+        [2, None, None, 0] + [1] * (valid_p is not None) + [1] + [2] * save,
+        batch_p,
+        masked=valid is not None,
+        reverse=reverse,
+        save=save,
+    )
+    return _outputs(hs[:, :batch, :hidden], valid, reverse), (hs, *saved)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def gru_recurrence(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse=False):
+    """``(ys, h_n)`` of one GRU direction, as :func:`jlstm.recurrence.gru_recurrence` (same
+    arguments, no ``unroll``/``hoist``)."""
+    return _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save=False)[0]
+
+
+def _gru_fwd(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse):
+    out, saved = _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save=True)
+    return out, (w_ih, w_hh, x, h0, valid, saved)
+
+
+def _gru_bwd(reverse, residuals, cotangents):
+    w_ih, w_hh, x, h0, valid, (hs, acts) = residuals
+    dys, dh_n = cotangents
+    batch, hidden = h0.shape
+    batch_p, hidden_p = hs.shape[1:]
+    valid_p = _valid(valid, batch_p, x.dtype)
+    ins = [_pad(dys, hs.shape), acts, hs, _pad(h0, (batch_p, hidden_p))]
+    ins += [_tiles(w_hh, hidden_p, False), _pad(dh_n, (batch_p, hidden_p))]
+    ins += [] if valid_p is None else [valid_p]
+    gates = jax.ShapeDtypeStruct((hs.shape[0], 3, batch_p, hidden_p), x.dtype)
+    dxw, dhw, dh0 = _call(
+        _gru_backward_kernel,
+        [gates, gates, jax.ShapeDtypeStruct((batch_p, hidden_p), x.dtype)],
+        ins,
+        [1, 2, 1, 0, None, 0] + [1] * (valid_p is not None) + [2, 2, 0],
+        batch_p,
+        masked=valid is not None,
+        reverse=reverse,
+    )
+    dxw, dhw = (_from_gate_major(a, batch, hidden) for a in (dxw, dhw))
+    dw_ih, dbias, dx = _input_grads(dxw, x, w_ih)
+    dw_hh = _weight_grad(dhw, _previous(hs[:, :batch, :hidden], h0, reverse))
+    db_hn = jnp.sum(dhw[..., 2 * hidden :], axis=(0, 1))
+    return dw_ih, dw_hh, dbias, db_hn, dx, dh0[:batch, :hidden], None
+
+
+gru_recurrence.defvjp(_gru_fwd, _gru_bwd)
