@@ -40,7 +40,7 @@ import optax
 import torch
 
 import jlstm
-from jlstm import native
+from jlstm import native, pallas
 
 
 class Case(NamedTuple):
@@ -64,7 +64,11 @@ QUICK_CASES = ["mnist", "long", "gru"]
 MODES = ["fwd", "train"]
 # jlstm: impl="auto" (on CPU the C++ loop of jlstm.native); jlstm-fused: the pure-JAX lax.scan path
 # with the hand-written backward (impl="fused", what auto takes on GPU/TPU).
-IMPLS = ["torch", "jlstm", "jlstm-fused", "flax", "cudnn"]
+# jlstm-pallas, jlstm-cudnn: impl="pallas" (one Pallas kernel per time loop, H <= 128) and
+# impl="cudnn" (LSTM); both run on a GPU only (Pallas would run interpreted here, far too slowly).
+IMPLS = ["torch", "jlstm", "jlstm-fused", "flax", "cudnn", "jlstm-pallas", "jlstm-cudnn"]
+JLSTM_IMPLS = {"jlstm": "auto", "jlstm-fused": "fused", "jlstm-pallas": "pallas"}
+JLSTM_IMPLS["jlstm-cudnn"] = "cudnn"
 
 
 class Impl(NamedTuple):
@@ -202,9 +206,9 @@ def make_impl(name, case, mode, module, x, cot, torch_device, checkpoint_every=N
     xj, cotj = jnp.asarray(x), jnp.asarray(cot)
     if name == "torch":
         return make_torch(module, x, cot, mode, torch_device)
-    if name in ("jlstm", "jlstm-fused"):
+    if name in JLSTM_IMPLS:
         layer = jlstm.lstm if case.cell == "lstm" else jlstm.gru
-        impl = "fused" if name == "jlstm-fused" else "auto"
+        impl = JLSTM_IMPLS[name]
         return make_jax(
             lambda p, x: layer(p, x, impl=impl, checkpoint_every=checkpoint_every)[0],
             params,
@@ -318,6 +322,16 @@ def tolerance() -> float:
     return 1e-4 if jax.default_backend() == "cpu" else 5e-3  # GPUs may use TF32 for float32
 
 
+def applies(impl_name: str, case: Case) -> bool:
+    """Whether a GPU-only column runs on this backend and case."""
+    gpu = jax.default_backend() == "gpu"
+    if impl_name in ("cudnn", "jlstm-cudnn"):
+        return gpu and case.cell == "lstm"
+    if impl_name == "jlstm-pallas":
+        return gpu and case.hidden_size <= pallas.MAX_HIDDEN
+    return True
+
+
 def bench_case(name, case, mode, impl_names, args) -> dict:
     module, x, cot = setup(case, args.torch_device)
     tol = tolerance()
@@ -326,7 +340,7 @@ def bench_case(name, case, mode, impl_names, args) -> dict:
     record["load_avg_1m"] = os.getloadavg()[0]  # other processes on the cores skew the ratios
     reference = None
     for impl_name in impl_names:
-        if impl_name == "cudnn" and (jax.default_backend() != "gpu" or case.cell != "lstm"):
+        if not applies(impl_name, case):
             continue
         impl = make_impl(impl_name, case, mode, module, x, cot, args.torch_device)
         got = impl.result(impl.sync(impl.run()))
