@@ -136,36 +136,32 @@ def _keep(valid_ref, t, new, old):
     return new if valid_ref is None else jnp.where(valid_ref[t] > 0, new, old)
 
 
-def _call(kernel, outs, ins, block_axes, batch_p, **static):
-    """``pallas_call`` over blocks of :data:`BLOCK` sequences: ``block_axes[i]`` is the axis of
-    ``ins[i]`` (or ``outs[i - len(ins)]``) that holds the sequences, or None for a shared input."""
+def _call(kernel, ins, outs, valid, shared=(), **static):
+    """``kernel`` over blocks of :data:`BLOCK` sequences, with ``valid`` (``(L, N, 1)`` bool or
+    None) as its last input. Every input and output holds the sequences on its second-to-last
+    axis, padded to a whole number of blocks, but the inputs at the indices in ``shared`` (the
+    weights), which every program reads whole."""
+    batch_p = outs[0].shape[-2]
+    if valid is not None:  # as (L, Np, 1) numbers: Triton loads no bools
+        ins = [*ins, _pad(valid.astype(outs[0].dtype), (valid.shape[0], batch_p, 1))]
 
-    def spec(shape, axis):
-        index = [0] * len(shape)
-        if axis is None:
+    def spec(shape, blocked):
+        index, axis = [0] * len(shape), len(shape) - 2
+        if not blocked:
             return pl.BlockSpec(shape, lambda b: tuple(index))
-        block = (*shape[:axis], BLOCK, *shape[axis + 1 :])
-        return pl.BlockSpec(block, lambda b: (*index[:axis], b, *index[axis + 1 :]))
+        block = (*shape[:axis], BLOCK, shape[-1])
+        return pl.BlockSpec(block, lambda b: (*index[:axis], b, 0))
 
-    shapes = [a.shape for a in ins] + [o.shape for o in outs]
-    specs = [spec(s, a) for s, a in zip(shapes, block_axes, strict=True)]
     interpret = _interpret()
     return pl.pallas_call(
-        functools.partial(kernel, **static),
+        functools.partial(kernel, masked=valid is not None, **static),
         out_shape=outs,
         grid=(batch_p // BLOCK,),
-        in_specs=specs[: len(ins)],
-        out_specs=specs[len(ins) :],
+        in_specs=[spec(a.shape, i not in shared) for i, a in enumerate(ins)],
+        out_specs=[spec(o.shape, True) for o in outs],
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(),
     )(*ins)
-
-
-def _valid(valid, batch_p, dtype):
-    """``valid (L, N, 1)`` bool as ``(L, Np, 1)`` numbers (Triton loads no bools), or None."""
-    if valid is None:
-        return None
-    return _pad(valid.astype(dtype), (valid.shape[0], batch_p, 1))
 
 
 def _sizes(x, hidden):
@@ -237,21 +233,13 @@ def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
     batch_p, hidden_p = _sizes(x, hidden)
     xw = _gate_major(x @ w_ih.T + bias[None, None], 4, hidden_p, batch_p)
     states = [_pad(s, (batch_p, hidden_p)) for s in (h0, c0)]
-    valid_p = _valid(valid, batch_p, x.dtype)
     seq = jax.ShapeDtypeStruct((length, batch_p, hidden_p), x.dtype)
     outs = [seq, jax.ShapeDtypeStruct((batch_p, hidden_p), x.dtype)]
     if save:
         outs += [jax.ShapeDtypeStruct(xw.shape, x.dtype), seq]
-    ins = [xw, _tiles(w_hh, hidden_p, True), *states] + ([] if valid_p is None else [valid_p])
+    ins = [xw, _tiles(w_hh, hidden_p, True), *states]
     hs, c_n, *saved = _call(
-        _lstm_forward_kernel,
-        outs,
-        ins,
-        [2, None, 0, 0] + [1] * (valid_p is not None) + [1, 0] + [2, 1] * save,
-        batch_p,
-        masked=valid is not None,
-        reverse=reverse,
-        save=save,
+        _lstm_forward_kernel, ins, outs, valid, shared=(1,), reverse=reverse, save=save
     )
     ys, h_n = _outputs(hs[:, :batch, :hidden], valid, reverse)
     return (ys, h_n, c_n[:batch, :hidden]), (hs, *saved)
@@ -274,21 +262,11 @@ def _lstm_bwd(reverse, residuals, cotangents):
     dys, dh_n, dc_n = cotangents
     batch, hidden = h0.shape
     batch_p, hidden_p = hs.shape[1:]
-    valid_p = _valid(valid, batch_p, x.dtype)
-    ins = [_pad(dys, hs.shape), acts, cs]
-    ins += [_pad(a, (batch_p, hidden_p)) for a in (c0,)] + [_tiles(w_hh, hidden_p, False)]
-    ins += [_pad(a, (batch_p, hidden_p)) for a in (dh_n, dc_n)]
-    ins += [] if valid_p is None else [valid_p]
+    states = [_pad(a, (batch_p, hidden_p)) for a in (c0, dh_n, dc_n)]
+    ins = [_pad(dys, hs.shape), acts, cs, states[0], _tiles(w_hh, hidden_p, False), *states[1:]]
     state = jax.ShapeDtypeStruct((batch_p, hidden_p), x.dtype)
-    dgates, dh0, dc0 = _call(
-        _lstm_backward_kernel,
-        [jax.ShapeDtypeStruct(acts.shape, x.dtype), state, state],
-        ins,
-        [1, 2, 1, 0, None, 0, 0] + [1] * (valid_p is not None) + [2, 0, 0],
-        batch_p,
-        masked=valid is not None,
-        reverse=reverse,
-    )
+    outs = [jax.ShapeDtypeStruct(acts.shape, x.dtype), state, state]
+    dgates, dh0, dc0 = _call(_lstm_backward_kernel, ins, outs, valid, shared=(4,), reverse=reverse)
     dgates = _from_gate_major(dgates, batch, hidden)
     dw_ih, dbias, dx = _input_grads(dgates, x, w_ih)
     hs_prev = _previous(hs[:, :batch, :hidden], h0, reverse)
@@ -353,21 +331,13 @@ def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save):
     length, batch, hidden = x.shape[0], x.shape[1], h0.shape[-1]
     batch_p, hidden_p = _sizes(x, hidden)
     xw = _gate_major(x @ w_ih.T + bias[None, None], 3, hidden_p, batch_p)
-    valid_p = _valid(valid, batch_p, x.dtype)
     outs = [jax.ShapeDtypeStruct((length, batch_p, hidden_p), x.dtype)]
     if save:
         outs.append(jax.ShapeDtypeStruct((length, 4, batch_p, hidden_p), x.dtype))
     ins = [xw, _tiles(w_hh, hidden_p, True), _pad(b_hn[None], (1, hidden_p))]
-    ins += [_pad(h0, (batch_p, hidden_p))] + ([] if valid_p is None else [valid_p])
+    ins.append(_pad(h0, (batch_p, hidden_p)))
     hs, *saved = _call(
-        _gru_forward_kernel,
-        outs,
-        ins,
-        [2, None, None, 0] + [1] * (valid_p is not None) + [1] + [2] * save,
-        batch_p,
-        masked=valid is not None,
-        reverse=reverse,
-        save=save,
+        _gru_forward_kernel, ins, outs, valid, shared=(1, 2), reverse=reverse, save=save
     )
     return _outputs(hs[:, :batch, :hidden], valid, reverse), (hs, *saved)
 
@@ -389,20 +359,11 @@ def _gru_bwd(reverse, residuals, cotangents):
     dys, dh_n = cotangents
     batch, hidden = h0.shape
     batch_p, hidden_p = hs.shape[1:]
-    valid_p = _valid(valid, batch_p, x.dtype)
     ins = [_pad(dys, hs.shape), acts, hs, _pad(h0, (batch_p, hidden_p))]
     ins += [_tiles(w_hh, hidden_p, False), _pad(dh_n, (batch_p, hidden_p))]
-    ins += [] if valid_p is None else [valid_p]
     gates = jax.ShapeDtypeStruct((hs.shape[0], 3, batch_p, hidden_p), x.dtype)
-    dxw, dhw, dh0 = _call(
-        _gru_backward_kernel,
-        [gates, gates, jax.ShapeDtypeStruct((batch_p, hidden_p), x.dtype)],
-        ins,
-        [1, 2, 1, 0, None, 0] + [1] * (valid_p is not None) + [2, 2, 0],
-        batch_p,
-        masked=valid is not None,
-        reverse=reverse,
-    )
+    outs = [gates, gates, jax.ShapeDtypeStruct((batch_p, hidden_p), x.dtype)]
+    dxw, dhw, dh0 = _call(_gru_backward_kernel, ins, outs, valid, shared=(4,), reverse=reverse)
     dxw, dhw = (_from_gate_major(a, batch, hidden) for a in (dxw, dhw))
     dw_ih, dbias, dx = _input_grads(dxw, x, w_ih)
     dw_hh = _weight_grad(dhw, _previous(hs[:, :batch, :hidden], h0, reverse))
