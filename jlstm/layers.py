@@ -361,8 +361,8 @@ def _run(
     }
     if impl in reasons and (reason := reasons[impl]()) is not None:
         raise ValueError(f"{fn}: impl='{impl}' cannot run this call: {reason}; use impl='auto'")
-    concrete = None if lengths is None else _concrete(lengths)
-    if impl == "cudnn" and concrete is not None and concrete.size and concrete.min() == 0:
+    known = None if impl != "cudnn" or lengths is None else _concrete(lengths)
+    if known is not None and known.size and known.min() == 0:
         raise ValueError(
             f"{fn}: impl='cudnn' needs every seq_length >= 1 (cuDNN has no empty sequences), got "
             "a 0: drop the empty sequences, or use impl='auto'"
