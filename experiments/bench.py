@@ -64,7 +64,7 @@ QUICK_CASES = ["mnist", "long", "gru"]
 MODES = ["fwd", "train"]
 # jlstm: impl="auto" (on CPU the C++ loop of jlstm.native); jlstm-fused: the pure-JAX lax.scan path
 # with the hand-written backward (impl="fused", what auto takes on GPU/TPU).
-# jlstm-pallas, jlstm-cudnn: impl="pallas" (one Pallas kernel per time loop, H <= 128) and
+# jlstm-pallas, jlstm-cudnn: impl="pallas" (one Pallas kernel per time loop, H <= 256) and
 # impl="cudnn" (LSTM); both run on a GPU only (Pallas would run interpreted here, far too slowly).
 IMPLS = ["torch", "jlstm", "jlstm-fused", "flax", "cudnn", "jlstm-pallas", "jlstm-cudnn"]
 JLSTM_IMPLS = {"jlstm": "auto", "jlstm-fused": "fused", "jlstm-pallas": "pallas"}

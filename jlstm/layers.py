@@ -431,7 +431,7 @@ def lstm(
         :mod:`jlstm.recurrence` (auto's choice elsewhere, without ``proj_size``), ``"scan"``
         for plain autodiff through ``lax.scan`` over the cell, ``"pallas"`` for the Pallas
         kernels of :mod:`jlstm.pallas` (one kernel per direction's time loop; Triton on CUDA GPUs,
-        interpreted on CPU; H <= 128), or ``"cudnn"`` for cuDNN's LSTM through
+        interpreted on CPU; H <= 256), or ``"cudnn"`` for cuDNN's LSTM through
         ``jax.experimental.rnn`` (:mod:`jlstm.cudnn`; CUDA GPUs, float32, LSTM only, lengths >= 1).
         The last two are opt-in until measured on a GPU (README). All give torch's numbers.
       unroll: time steps per loop iteration (``lax.scan``'s ``unroll``); a speed knob only.

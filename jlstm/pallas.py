@@ -4,7 +4,7 @@ A ``lax.scan`` over a small recurrent layer on a GPU launches a few kernels per 
 those launches, not the arithmetic, set its speed. Here each direction's whole time loop is one
 kernel: a program per block of 16 sequences keeps ``h`` and ``c`` in registers across all steps,
 reads the hoisted input projection of step ``t`` (one large XLA GEMM before the loop) and forms the
-four gates as ``h @ W_hh[k].T`` from the gate's ``(H, H)`` weight tile. The backward is a second
+four gates as ``h @ W_hh[k].T`` from the gate's ``(H, H)`` weights. The backward is a second
 kernel that runs the loop in reverse and writes every step's gate gradients; XLA then forms
 ``dW_ih``, ``dW_hh``, the biases and ``dx`` as whole-sequence GEMMs (:mod:`jlstm.recurrence`), as
 cuDNN does. Sequences are independent, so the blocks need no synchronisation at all.
@@ -12,8 +12,10 @@ cuDNN does. Sequences are independent, so the blocks need no synchronisation at 
 Triton wants power-of-two tiles of at least 16: hidden units and sequences are zero-padded to
 that inside the wrappers. Padding is exact: a padded unit sees zero weights and zero states, so its
 gates are sigmoid(0) or tanh(0) and its ``c`` and ``h`` stay zero, and padded sequences are cut off.
-A gate tile is ``(Hp, Hp)``, so the kernels take hidden sizes up to :data:`MAX_HIDDEN`; past that
-the step is a large GEMM that XLA's own loop already runs well.
+The state is held as chunks of :data:`TILE` units and each gate's product as one
+``(BLOCK, TILE) @ (TILE, TILE)`` dot per pair of chunks, unrolled, so that no operand outgrows
+the registers of a program; the kernels take hidden sizes up to :data:`MAX_HIDDEN` (16 such dots
+per gate and step), past which the step is a large GEMM that XLA's own loop already runs well.
 
 On CPU the same kernels run in Pallas' interpret mode, slowly but exactly, which is how the test
 suite checks them against the other paths and torch without a GPU; ``lowered_for_cuda`` lowers
@@ -33,8 +35,9 @@ from jax.experimental import pallas as pl
 from jlstm.recurrence import _input_grads, _outputs, _previous, _weight_grad
 
 DTYPES = (jnp.float32, jnp.float64)
-MAX_HIDDEN = 128  # a (128, 128) float32 gate tile is 64 KiB of shared memory
+MAX_HIDDEN = 256  # (256 / TILE)^2 = 16 tile dots per gate and step
 BLOCK = 16  # sequences per program: Triton's smallest dot operand
+TILE = 64  # units per chunk of a state and side of a weight tile (64 x 64 float32: 16 KiB)
 
 
 def _compiler_params():
@@ -50,7 +53,7 @@ def unavailable_reason(backend: str, dtype, hidden: int) -> str | None:
     if jnp.dtype(dtype) not in DTYPES:
         return f"the kernels run float32 or float64, not {jnp.dtype(dtype).name}"
     if hidden > MAX_HIDDEN:
-        return f"hidden_size {hidden} is over {MAX_HIDDEN}, the largest gate tile the kernels hold"
+        return f"hidden_size {hidden} is over {MAX_HIDDEN}, the largest the kernels unroll"
     return None
 
 
@@ -123,12 +126,24 @@ def _time(s, length, backwards):
     return length - 1 - s if backwards else s
 
 
-def _previous_state(refs, init, t, length, reverse):
-    """The carry entering step ``t``: the one saved after the step processed before it, or the
-    initial state at the first step processed."""
+def _previous_state(ref, init_ref, t, length, reverse, cols):
+    """Columns ``cols`` of the carry entering step ``t``: the one saved after the step processed
+    before it, or the initial state at the first step processed."""
     first = length - 1 if reverse else 0
     before = jnp.clip(t + 1 if reverse else t - 1, 0, length - 1)
-    return jnp.where(t == first, init, refs[before])
+    return jnp.where(t == first, init_ref[:, cols], ref[before, :, cols])
+
+
+def _chunks(hidden_p: int) -> list:
+    """The column slices of :data:`TILE` units the kernels work in (all of them below that)."""
+    size = min(hidden_p, TILE)
+    return [pl.ds(j * size, size) for j in range(hidden_p // size)]
+
+
+def _product(vs, w_ref, k, out, chunks):
+    """Columns ``chunks[out]`` of ``v @ w_ref[k]``, ``v`` given as its column chunks ``vs``: one
+    ``(BLOCK, TILE) @ (TILE, TILE)`` dot per chunk, so no tile outgrows the registers."""
+    return sum(_dot(v, w_ref[k, rows, chunks[out]]) for v, rows in zip(vs, chunks, strict=True))
 
 
 def _keep(valid_ref, t, new, old):
@@ -175,26 +190,32 @@ def _sizes(x, hidden):
 def _lstm_forward_kernel(xw_ref, w_ref, h0_ref, c0_ref, *refs, masked, reverse, save):
     valid_ref, refs = (refs[0], refs[1:]) if masked else (None, refs)
     hs_ref, c_n_ref, *saved = refs
-    length = xw_ref.shape[0]
+    length, chunks = xw_ref.shape[0], _chunks(xw_ref.shape[-1])
 
     def step(s, carry):
-        h, c = carry
+        hs, cs = carry  # column chunks of h and c
         t = _time(s, length, reverse)
-        pre = [xw_ref[t, k] + _dot(h, w_ref[k]) for k in range(4)]
-        i, f, o = _sigmoid(pre[0]), _sigmoid(pre[1]), _sigmoid(pre[3])
-        g = jnp.tanh(pre[2])
-        c_new = _keep(valid_ref, t, f * c + i * g, c)
-        h_new = _keep(valid_ref, t, o * jnp.tanh(c_new), h)
-        hs_ref[t] = h_new
-        if save:
-            acts_ref, cs_ref = saved
-            for k, a in enumerate((i, f, g, o)):
-                acts_ref[t, k] = a
-            cs_ref[t] = c_new
-        return h_new, c_new
+        hs_new, cs_new = [], []
+        for j, cols in enumerate(chunks):
+            pre = [xw_ref[t, k, :, cols] + _product(hs, w_ref, k, j, chunks) for k in range(4)]
+            i, f, o = _sigmoid(pre[0]), _sigmoid(pre[1]), _sigmoid(pre[3])
+            g = jnp.tanh(pre[2])
+            c_new = _keep(valid_ref, t, f * cs[j] + i * g, cs[j])
+            h_new = _keep(valid_ref, t, o * jnp.tanh(c_new), hs[j])
+            hs_ref[t, :, cols] = h_new
+            if save:
+                acts_ref, cs_ref = saved
+                for k, a in enumerate((i, f, g, o)):
+                    acts_ref[t, k, :, cols] = a
+                cs_ref[t, :, cols] = c_new
+            hs_new.append(h_new)
+            cs_new.append(c_new)
+        return tuple(hs_new), tuple(cs_new)
 
-    _, c_n = lax.fori_loop(0, length, step, (h0_ref[...], c0_ref[...]))
-    c_n_ref[...] = c_n
+    init = tuple(tuple(ref[:, cols] for cols in chunks) for ref in (h0_ref, c0_ref))
+    _, cs = lax.fori_loop(0, length, step, init)
+    for c, cols in zip(cs, chunks, strict=True):
+        c_n_ref[:, cols] = c
 
 
 def _lstm_backward_kernel(
@@ -202,30 +223,40 @@ def _lstm_backward_kernel(
 ):
     valid_ref, refs = (refs[0], refs[1:]) if masked else (None, refs)
     dgates_ref, dh0_ref, dc0_ref = refs
-    length = dys_ref.shape[0]
+    length, chunks = dys_ref.shape[0], _chunks(dys_ref.shape[-1])
 
     def step(s, carry):
-        dh, dc = carry
+        dhs, dcs = carry  # column chunks of dh and dc
         t = _time(s, length, not reverse)
-        i, f, g, o = (acts_ref[t, k] for k in range(4))
-        c_prev = _previous_state(cs_ref, c0_ref[...], t, length, reverse)
-        tanh_c = jnp.tanh(cs_ref[t])
-        dh_total = dh + dys_ref[t]
-        dc_total = dc + dh_total * o * (1 - tanh_c * tanh_c)
-        dgates = (
-            dc_total * g * i * (1 - i),
-            dc_total * c_prev * f * (1 - f),
-            dc_total * i * (1 - g * g),
-            dh_total * tanh_c * o * (1 - o),
-        )
-        dgates = [_keep(valid_ref, t, d, jnp.zeros_like(d)) for d in dgates]
-        for k, d in enumerate(dgates):
-            dgates_ref[t, k] = d
-        dh_prev = sum(_dot(d, w_ref[k]) for k, d in enumerate(dgates))
-        return _keep(valid_ref, t, dh_prev, dh), _keep(valid_ref, t, dc_total * f, dc)
+        dgates, dcs_prev = [[] for _ in range(4)], []
+        for j, cols in enumerate(chunks):
+            i, f, g, o = (acts_ref[t, k, :, cols] for k in range(4))
+            c_prev = _previous_state(cs_ref, c0_ref, t, length, reverse, cols)
+            tanh_c = jnp.tanh(cs_ref[t, :, cols])
+            dh_total = dhs[j] + dys_ref[t, :, cols]
+            dc_total = dcs[j] + dh_total * o * (1 - tanh_c * tanh_c)
+            for k, d in enumerate(
+                (
+                    dc_total * g * i * (1 - i),
+                    dc_total * c_prev * f * (1 - f),
+                    dc_total * i * (1 - g * g),
+                    dh_total * tanh_c * o * (1 - o),
+                )
+            ):
+                d = _keep(valid_ref, t, d, jnp.zeros_like(d))
+                dgates_ref[t, k, :, cols] = d
+                dgates[k].append(d)
+            dcs_prev.append(_keep(valid_ref, t, dc_total * f, dcs[j]))
+        dhs_prev = []
+        for j in range(len(chunks)):
+            dh_prev = sum(_product(dgates[k], w_ref, k, j, chunks) for k in range(4))
+            dhs_prev.append(_keep(valid_ref, t, dh_prev, dhs[j]))
+        return tuple(dhs_prev), tuple(dcs_prev)
 
-    dh0, dc0 = lax.fori_loop(0, length, step, (dh_ref[...], dc_ref[...]))
-    dh0_ref[...], dc0_ref[...] = dh0, dc0
+    init = tuple(tuple(ref[:, cols] for cols in chunks) for ref in (dh_ref, dc_ref))
+    dhs, dcs = lax.fori_loop(0, length, step, init)
+    for dh, dc, cols in zip(dhs, dcs, chunks, strict=True):
+        dh0_ref[:, cols], dc0_ref[:, cols] = dh, dc
 
 
 def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
@@ -284,47 +315,58 @@ lstm_recurrence.defvjp(_lstm_fwd, _lstm_bwd)
 def _gru_forward_kernel(xw_ref, w_ref, b_hn_ref, h0_ref, *refs, masked, reverse, save):
     valid_ref, refs = (refs[0], refs[1:]) if masked else (None, refs)
     hs_ref, *saved = refs
-    length = xw_ref.shape[0]
+    length, chunks = xw_ref.shape[0], _chunks(xw_ref.shape[-1])
 
-    def step(s, h):
+    def step(s, hs):
         t = _time(s, length, reverse)
-        r = _sigmoid(xw_ref[t, 0] + _dot(h, w_ref[0]))
-        z = _sigmoid(xw_ref[t, 1] + _dot(h, w_ref[1]))
-        hn = _dot(h, w_ref[2]) + b_hn_ref[...]
-        n = jnp.tanh(xw_ref[t, 2] + r * hn)
-        h_new = _keep(valid_ref, t, n + z * (h - n), h)
-        hs_ref[t] = h_new
-        if save:
-            (acts_ref,) = saved
-            for k, a in enumerate((r, z, n, hn)):
-                acts_ref[t, k] = a
-        return h_new
+        hs_new = []
+        for j, cols in enumerate(chunks):
+            r = _sigmoid(xw_ref[t, 0, :, cols] + _product(hs, w_ref, 0, j, chunks))
+            z = _sigmoid(xw_ref[t, 1, :, cols] + _product(hs, w_ref, 1, j, chunks))
+            hn = _product(hs, w_ref, 2, j, chunks) + b_hn_ref[:, cols]
+            n = jnp.tanh(xw_ref[t, 2, :, cols] + r * hn)
+            h_new = _keep(valid_ref, t, n + z * (hs[j] - n), hs[j])
+            hs_ref[t, :, cols] = h_new
+            if save:
+                (acts_ref,) = saved
+                for k, a in enumerate((r, z, n, hn)):
+                    acts_ref[t, k, :, cols] = a
+            hs_new.append(h_new)
+        return tuple(hs_new)
 
-    lax.fori_loop(0, length, step, h0_ref[...])
+    lax.fori_loop(0, length, step, tuple(h0_ref[:, cols] for cols in chunks))
 
 
 def _gru_backward_kernel(dys_ref, acts_ref, hs_ref, h0_ref, w_ref, dh_ref, *refs, masked, reverse):
     valid_ref, refs = (refs[0], refs[1:]) if masked else (None, refs)
     dxw_ref, dhw_ref, dh0_ref = refs
-    length = dys_ref.shape[0]
+    length, chunks = dys_ref.shape[0], _chunks(dys_ref.shape[-1])
 
-    def step(s, dh):
+    def step(s, dhs):
         t = _time(s, length, not reverse)
-        r, z, n, hn = (acts_ref[t, k] for k in range(4))
-        h_prev = _previous_state(hs_ref, h0_ref[...], t, length, reverse)
-        dh_total = dh + dys_ref[t]
-        d_n = dh_total * (1 - z) * (1 - n * n)
-        d_r = d_n * hn * r * (1 - r)
-        d_z = dh_total * (h_prev - n) * z * (1 - z)
-        dhw = [_keep(valid_ref, t, d, jnp.zeros_like(d)) for d in (d_r, d_z, d_n * r)]
-        for k, d in enumerate((d_r, d_z, d_n)):
-            dxw_ref[t, k] = _keep(valid_ref, t, d, jnp.zeros_like(d))
-        for k, d in enumerate(dhw):
-            dhw_ref[t, k] = d
-        dh_prev = dh_total * z + sum(_dot(d, w_ref[k]) for k, d in enumerate(dhw))
-        return _keep(valid_ref, t, dh_prev, dh)
+        dhw, carried = [[] for _ in range(3)], []
+        for j, cols in enumerate(chunks):
+            r, z, n, hn = (acts_ref[t, k, :, cols] for k in range(4))
+            h_prev = _previous_state(hs_ref, h0_ref, t, length, reverse, cols)
+            dh_total = dhs[j] + dys_ref[t, :, cols]
+            d_n = dh_total * (1 - z) * (1 - n * n)
+            d_r = d_n * hn * r * (1 - r)
+            d_z = dh_total * (h_prev - n) * z * (1 - z)
+            for k, (dx, dh) in enumerate(((d_r, d_r), (d_z, d_z), (d_n, d_n * r))):
+                dxw_ref[t, k, :, cols] = _keep(valid_ref, t, dx, jnp.zeros_like(dx))
+                dh = _keep(valid_ref, t, dh, jnp.zeros_like(dh))
+                dhw_ref[t, k, :, cols] = dh
+                dhw[k].append(dh)
+            carried.append(dh_total * z)
+        dhs_prev = []
+        for j in range(len(chunks)):
+            dh_prev = carried[j] + sum(_product(dhw[k], w_ref, k, j, chunks) for k in range(3))
+            dhs_prev.append(_keep(valid_ref, t, dh_prev, dhs[j]))
+        return tuple(dhs_prev)
 
-    dh0_ref[...] = lax.fori_loop(0, length, step, dh_ref[...])
+    dhs = lax.fori_loop(0, length, step, tuple(dh_ref[:, cols] for cols in chunks))
+    for dh, cols in zip(dhs, chunks, strict=True):
+        dh0_ref[:, cols] = dh
 
 
 def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save):

@@ -1,9 +1,9 @@
 """The GPU paths, checked on this CPU: the Pallas kernels (jlstm.pallas, interpreted here) give the
 lax.scan path's outputs, states and gradients on a grid that crosses their padding edges (1 unit,
-tiles of 16, the largest tile of 128) and lower to Triton IR for CUDA; the cuDNN path (jlstm.cudnn)
-gets its weights, layout, lengths and dropout right, with jax.experimental.rnn's reference standing
-in for the cuDNN call. Both are refused where they cannot run. Torch parity of both is in
-test_torch_parity.py."""
+tiles of 16, two and four chunks of 64 units) and lower to Triton IR for CUDA; the cuDNN path
+(jlstm.cudnn) gets its weights, layout, lengths and dropout right, with jax.experimental.rnn's
+reference standing in for the cuDNN call. Both are refused where they cannot run. Torch parity of
+both is in test_torch_parity.py."""
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +16,8 @@ from jlstm import pallas
 KINDS = pytest.mark.parametrize("kind", list(LAYERS))
 
 # (L, N, I, H): 1 everywhere; hidden 15/16/17 around the smallest tile of 16; batch 17 = a block of
-# 16 sequences + 1; hidden 128, the largest tile.
-SIZES = [(1, 1, 1, 1), (4, 17, 3, 15), (3, 2, 5, 16), (5, 3, 1, 17), (2, 4, 6, 128)]
+# 16 sequences + 1; hidden 128 in two chunks of 64 units, 200 padded to 256 in four.
+SIZES = [(1, 1, 1, 1), (4, 17, 3, 15), (3, 2, 5, 16), (5, 3, 1, 17), (2, 4, 6, 128), (2, 3, 2, 200)]
 
 
 @pytest.mark.parametrize(
@@ -114,10 +114,10 @@ def test_cudnn_refuses_empty_sequences(cudnn_on_cpu):
         (
             "lstm",
             "pallas",
-            129,
+            257,
             jnp.float32,
-            r"impl='pallas' cannot run this call: hidden_size 129 "
-            r"is over 128, the largest gate tile the kernels hold; use impl='auto'",
+            r"impl='pallas' cannot run this call: hidden_size 257 "
+            r"is over 256, the largest the kernels unroll; use impl='auto'",
         ),
         (
             "gru",

@@ -44,7 +44,7 @@ def dump(directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     layers = {"lstm": (jlstm.init_lstm, jlstm.lstm), "gru": (jlstm.init_gru, jlstm.gru)}
     for kind, (init, layer) in layers.items():
-        for hidden in (64, 128):
+        for hidden in (64, 128, 256):
             params = init(jax.random.key(0), 32, hidden)
             x = jnp.zeros((10, 64, 32), jnp.float32)
             lengths = jnp.full((64,), 10)
