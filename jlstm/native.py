@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlstm.recurrence import _input_grads, _outputs, _previous, _weight_grad
+from jlstm.recurrence import _input_grads, _outputs, _previous, _weight_grad, loop_with_backward
 
 SOURCE = Path(__file__).parent / "csrc" / "recurrence.cc"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd")
@@ -187,18 +187,6 @@ def _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
     return (*_outputs(hs, valid, reverse), c_n), (hs, *saved)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def lstm_recurrence(w_ih, w_hh, bias, x, h0, c0, valid, reverse=False):
-    """``(ys, h_n, c_n)`` of one LSTM direction without projection, as
-    :func:`jlstm.recurrence.lstm_recurrence` (same arguments, no ``unroll``/``hoist``)."""
-    return _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save=False)[0]
-
-
-def _fwd(w_ih, w_hh, bias, x, h0, c0, valid, reverse):
-    out, saved = _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save=True)
-    return out, (w_ih, w_hh, x, h0, c0, valid, saved)
-
-
 # A thread's rows of the weight gradients (4H/threads x (I + H)) are summed inside the backward loop
 # up to this many bytes; beyond, the loop hands out every step's gate gradients and XLA forms the
 # weight gradients as large GEMMs on every core. `python -m experiments.prototypes.knobs weights`
@@ -223,7 +211,7 @@ def weights_in_loop(x, w_hh) -> bool:
 
 
 def _bwd(reverse, residuals, cotangents):
-    w_ih, w_hh, x, h0, c0, valid, (hs, cs, tcs, acts) = residuals
+    w_ih, w_hh, _, x, h0, c0, valid, (hs, cs, tcs, acts) = residuals
     dys, dh_n, dc_n = cotangents
     inputs = (x, w_ih, w_hh, acts, cs, tcs, hs, h0, c0, dys, dh_n, dc_n)
     if weights_in_loop(x, w_hh):
@@ -239,7 +227,12 @@ def _bwd(reverse, residuals, cotangents):
     return dw_ih, _weight_grad(dgates, hs_prev), dbias, dx, dh0, dc0, None
 
 
-lstm_recurrence.defvjp(_fwd, _bwd)
+lstm_recurrence = loop_with_backward(
+    _forward,
+    _bwd,
+    """``(ys, h_n, c_n)`` of one LSTM direction without projection, as
+    :func:`jlstm.recurrence.lstm_recurrence` (same arguments, no ``unroll``/``hoist``).""",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,20 +254,8 @@ def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save):
     return _outputs(hs, valid, reverse), (hs, acts)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def gru_recurrence(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse=False):
-    """``(ys, h_n)`` of one GRU direction, as :func:`jlstm.recurrence.gru_recurrence` (same
-    arguments, no ``unroll``/``hoist``)."""
-    return _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save=False)[0]
-
-
-def _gru_fwd(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse):
-    out, saved = _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save=True)
-    return out, (w_ih, w_hh, x, h0, valid, saved)
-
-
 def _gru_bwd(reverse, residuals, cotangents):
-    w_ih, w_hh, x, h0, valid, (hs, acts) = residuals
+    w_ih, w_hh, _, _, x, h0, valid, (hs, acts) = residuals
     dys, dh_n = cotangents
     inputs = (x, w_ih, w_hh, acts, hs, h0, dys, dh_n)
     if weights_in_loop(x, w_hh):
@@ -296,7 +277,12 @@ def _gru_bwd(reverse, residuals, cotangents):
     return dw_ih, _weight_grad(dhw, _previous(hs, h0, reverse)), dbias, db_hn, dx, dh0, None
 
 
-gru_recurrence.defvjp(_gru_fwd, _gru_bwd)
+gru_recurrence = loop_with_backward(
+    _gru_forward,
+    _gru_bwd,
+    """``(ys, h_n)`` of one GRU direction, as :func:`jlstm.recurrence.gru_recurrence` (same
+    arguments, no ``unroll``/``hoist``).""",
+)
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jlstm.recurrence import _input_grads, _outputs, _previous, _weight_grad
+from jlstm.recurrence import _input_grads, _outputs, _previous, _weight_grad, loop_with_backward
 
 DTYPES = (jnp.float32, jnp.float64)
 MAX_HIDDEN = 256  # (256 / TILE)^2 = 16 tile dots per gate and step
@@ -276,20 +276,8 @@ def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
     return (ys, h_n, c_n[:batch, :hidden]), (hs, *saved)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def lstm_recurrence(w_ih, w_hh, bias, x, h0, c0, valid, reverse=False):
-    """``(ys, h_n, c_n)`` of one LSTM direction without projection, as
-    :func:`jlstm.recurrence.lstm_recurrence` (same arguments, no ``unroll``/``hoist``)."""
-    return _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save=False)[0]
-
-
-def _lstm_fwd(w_ih, w_hh, bias, x, h0, c0, valid, reverse):
-    out, saved = _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save=True)
-    return out, (w_ih, w_hh, x, h0, c0, valid, saved)
-
-
 def _lstm_bwd(reverse, residuals, cotangents):
-    w_ih, w_hh, x, h0, c0, valid, (hs, acts, cs) = residuals
+    w_ih, w_hh, _, x, h0, c0, valid, (hs, acts, cs) = residuals
     dys, dh_n, dc_n = cotangents
     batch, hidden = h0.shape
     batch_p, hidden_p = hs.shape[1:]
@@ -305,7 +293,12 @@ def _lstm_bwd(reverse, residuals, cotangents):
     return dw_ih, dw_hh, dbias, dx, dh0[:batch, :hidden], dc0[:batch, :hidden], None
 
 
-lstm_recurrence.defvjp(_lstm_fwd, _lstm_bwd)
+lstm_recurrence = loop_with_backward(
+    _lstm_forward,
+    _lstm_bwd,
+    """``(ys, h_n, c_n)`` of one LSTM direction without projection, as
+    :func:`jlstm.recurrence.lstm_recurrence` (same arguments, no ``unroll``/``hoist``).""",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,20 +377,8 @@ def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save):
     return _outputs(hs[:, :batch, :hidden], valid, reverse), (hs, *saved)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def gru_recurrence(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse=False):
-    """``(ys, h_n)`` of one GRU direction, as :func:`jlstm.recurrence.gru_recurrence` (same
-    arguments, no ``unroll``/``hoist``)."""
-    return _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save=False)[0]
-
-
-def _gru_fwd(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse):
-    out, saved = _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save=True)
-    return out, (w_ih, w_hh, x, h0, valid, saved)
-
-
 def _gru_bwd(reverse, residuals, cotangents):
-    w_ih, w_hh, x, h0, valid, (hs, acts) = residuals
+    w_ih, w_hh, _, _, x, h0, valid, (hs, acts) = residuals
     dys, dh_n = cotangents
     batch, hidden = h0.shape
     batch_p, hidden_p = hs.shape[1:]
@@ -413,4 +394,9 @@ def _gru_bwd(reverse, residuals, cotangents):
     return dw_ih, dw_hh, dbias, db_hn, dx, dh0[:batch, :hidden], None
 
 
-gru_recurrence.defvjp(_gru_fwd, _gru_bwd)
+gru_recurrence = loop_with_backward(
+    _gru_forward,
+    _gru_bwd,
+    """``(ys, h_n)`` of one GRU direction, as :func:`jlstm.recurrence.gru_recurrence` (same
+    arguments, no ``unroll``/``hoist``).""",
+)

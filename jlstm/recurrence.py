@@ -72,6 +72,25 @@ def _previous(hs, h0, reverse):
     return jnp.concatenate([hs[1:], h0[None]]) if reverse else jnp.concatenate([h0[None], hs[:-1]])
 
 
+def loop_with_backward(forward, backward, doc: str):
+    """A ``custom_vjp`` function of ``(*arrays, valid, reverse)``, ``reverse`` static and eighth,
+    from ``forward(*arrays, valid, reverse, save) -> (out, saved)`` and ``backward(reverse,
+    (*arrays, valid, saved), cotangents)``: a call without gradients runs the forward that saves
+    nothing. The loops of :mod:`jlstm.native` and :mod:`jlstm.pallas` are built this way."""
+
+    def loop(*args):
+        return forward(*args, save=False)[0]
+
+    def fwd(*args):
+        out, saved = forward(*args, save=True)
+        return out, (*args[:-1], saved)
+
+    loop.__doc__ = doc
+    loop = jax.custom_vjp(loop, nondiff_argnums=(7,))
+    loop.defvjp(fwd, backward)
+    return loop
+
+
 # --------------------------------------------------------------------------------------------
 # LSTM
 

@@ -8,7 +8,7 @@ both is in test_torch_parity.py."""
 import jax
 import jax.numpy as jnp
 import pytest
-from test_native import LAYERS, _problem, _value_and_grads
+from test_native import LAYERS, _problem, _value_and_grads, assert_matches_the_scan_path
 from trees import assert_trees_close
 
 from jlstm import pallas
@@ -26,15 +26,7 @@ SIZES = [(1, 1, 1, 1), (4, 17, 3, 15), (3, 2, 5, 16), (5, 3, 1, 17), (2, 4, 6, 1
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "L{}-N{}-I{}-H{}".format(*s))
 @KINDS
 def test_pallas_matches_the_scan_path(kind, size, dtype, tol):
-    length, batch, inp, hidden = size
-    params, x, state = _problem(
-        kind, length, batch, inp, hidden, dtype, layers=2, bidirectional=True
-    )
-    lengths = jnp.arange(batch) % (length + 1)  # 0 (state passes through) up to full length
-    for kw in ({}, {"seq_lengths": lengths}):
-        got = _value_and_grads(kind, params, x, state, "pallas", **kw)
-        want = _value_and_grads(kind, params, x, state, "fused", **kw)
-        assert_trees_close(got, want, rtol=tol, atol=tol)
+    assert_matches_the_scan_path("pallas", kind, size, dtype, tol)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])

@@ -91,13 +91,19 @@ def test_each_backward_is_taken(kind, backward):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "L{}-N{}-I{}-H{}".format(*s))
 @KINDS
 def test_native_matches_the_scan_path(kind, size, dtype, tol, backward):
+    assert_matches_the_scan_path("native", kind, size, dtype, tol)
+
+
+def assert_matches_the_scan_path(impl, kind, size, dtype, tol):
+    """``impl`` gives the ``lax.scan`` path's loss and gradients (parameters, input, initial
+    state) for a 2-layer bidirectional layer of ``size = (L, N, I, H)``, padded and packed."""
     length, batch, inp, hidden = size
     params, x, state = _problem(
         kind, length, batch, inp, hidden, dtype, layers=2, bidirectional=True
     )
     lengths = jnp.arange(batch) % (length + 1)  # 0 (state passes through) up to full length
     for kw in ({}, {"seq_lengths": lengths}):
-        got = _value_and_grads(kind, params, x, state, "native", **kw)
+        got = _value_and_grads(kind, params, x, state, impl, **kw)
         want = _value_and_grads(kind, params, x, state, "fused", **kw)
         assert_trees_close(got, want, rtol=tol, atol=tol)
 
