@@ -67,8 +67,12 @@ MODES = ["fwd", "train"]
 # jlstm-pallas, jlstm-cudnn: impl="pallas" (one Pallas kernel per time loop, H <= 256) and
 # impl="cudnn" (LSTM); both run on a GPU only (Pallas would run interpreted here, far too slowly).
 IMPLS = ["torch", "jlstm", "jlstm-fused", "flax", "cudnn", "jlstm-pallas", "jlstm-cudnn"]
-JLSTM_IMPLS = {"jlstm": "auto", "jlstm-fused": "fused", "jlstm-pallas": "pallas"}
-JLSTM_IMPLS["jlstm-cudnn"] = "cudnn"
+JLSTM_IMPLS = {
+    "jlstm": "auto",
+    "jlstm-fused": "fused",
+    "jlstm-pallas": "pallas",
+    "jlstm-cudnn": "cudnn",
+}
 
 
 class Impl(NamedTuple):
