@@ -8,7 +8,7 @@ both is in test_torch_parity.py."""
 import jax
 import jax.numpy as jnp
 import pytest
-from test_native import LAYERS, _problem, _value_and_grads, assert_matches_the_scan_path
+from paths import LAYERS, _problem, _value_and_grads, assert_matches_the_scan_path
 from trees import assert_trees_close
 
 from jlstm import pallas

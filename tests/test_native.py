@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from trees import assert_trees_close, probe_loss
+from paths import LAYERS, _problem, _value_and_grads, assert_matches_the_scan_path
+from trees import assert_trees_close
 
 import jlstm
 from jlstm import native
@@ -22,26 +23,7 @@ from jlstm import native
 ROOT = Path(__file__).parent.parent
 
 
-LAYERS = {"lstm": (jlstm.lstm, jlstm.init_lstm), "gru": (jlstm.gru, jlstm.init_gru)}
 KINDS = pytest.mark.parametrize("kind", list(LAYERS))
-
-
-def _value_and_grads(kind, params, x, state, impl, **kw):
-    def loss(params, x, state):
-        return probe_loss(*LAYERS[kind][0](params, x, state, impl=impl, **kw))
-
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, x, state)
-
-
-def _problem(kind, length, batch, inp, hidden, dtype, layers=1, bidirectional=False, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    params = LAYERS[kind][1](
-        keys[0], inp, hidden, num_layers=layers, bidirectional=bidirectional, dtype=dtype
-    )
-    rows = layers * (2 if bidirectional else 1)
-    x = jax.random.normal(keys[1], (length, batch, inp), dtype)
-    state = tuple(jax.random.normal(k, (rows, batch, hidden), dtype) for k in keys[2:])
-    return params, x, state if kind == "lstm" else state[0]
 
 
 @KINDS
@@ -92,20 +74,6 @@ def test_each_backward_is_taken(kind, backward):
 @KINDS
 def test_native_matches_the_scan_path(kind, size, dtype, tol, backward):
     assert_matches_the_scan_path("native", kind, size, dtype, tol)
-
-
-def assert_matches_the_scan_path(impl, kind, size, dtype, tol):
-    """``impl`` gives the ``lax.scan`` path's loss and gradients (parameters, input, initial
-    state) for a 2-layer bidirectional layer of ``size = (L, N, I, H)``, padded and packed."""
-    length, batch, inp, hidden = size
-    params, x, state = _problem(
-        kind, length, batch, inp, hidden, dtype, layers=2, bidirectional=True
-    )
-    lengths = jnp.arange(batch) % (length + 1)  # 0 (state passes through) up to full length
-    for kw in ({}, {"seq_lengths": lengths}):
-        got = _value_and_grads(kind, params, x, state, impl, **kw)
-        want = _value_and_grads(kind, params, x, state, "fused", **kw)
-        assert_trees_close(got, want, rtol=tol, atol=tol)
 
 
 @KINDS

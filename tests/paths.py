@@ -1,0 +1,43 @@
+"""Problems and checks shared by the tests of jlstm's time loops (test_native, test_gpu_paths):
+a random layer, input and state of a given size, its loss and gradients on one ``impl``, and the
+comparison of an ``impl`` with the ``lax.scan`` path."""
+
+import jax
+import jax.numpy as jnp
+from trees import assert_trees_close, probe_loss
+
+import jlstm
+
+LAYERS = {"lstm": (jlstm.lstm, jlstm.init_lstm), "gru": (jlstm.gru, jlstm.init_gru)}
+
+
+def _value_and_grads(kind, params, x, state, impl, **kw):
+    def loss(params, x, state):
+        return probe_loss(*LAYERS[kind][0](params, x, state, impl=impl, **kw))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, x, state)
+
+
+def _problem(kind, length, batch, inp, hidden, dtype, layers=1, bidirectional=False, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    params = LAYERS[kind][1](
+        keys[0], inp, hidden, num_layers=layers, bidirectional=bidirectional, dtype=dtype
+    )
+    rows = layers * (2 if bidirectional else 1)
+    x = jax.random.normal(keys[1], (length, batch, inp), dtype)
+    state = tuple(jax.random.normal(k, (rows, batch, hidden), dtype) for k in keys[2:])
+    return params, x, state if kind == "lstm" else state[0]
+
+
+def assert_matches_the_scan_path(impl, kind, size, dtype, tol):
+    """``impl`` gives the ``lax.scan`` path's loss and gradients (parameters, input, initial
+    state) for a 2-layer bidirectional layer of ``size = (L, N, I, H)``, padded and packed."""
+    length, batch, inp, hidden = size
+    params, x, state = _problem(
+        kind, length, batch, inp, hidden, dtype, layers=2, bidirectional=True
+    )
+    lengths = jnp.arange(batch) % (length + 1)  # 0 (state passes through) up to full length
+    for kw in ({}, {"seq_lengths": lengths}):
+        got = _value_and_grads(kind, params, x, state, impl, **kw)
+        want = _value_and_grads(kind, params, x, state, "fused", **kw)
+        assert_trees_close(got, want, rtol=tol, atol=tol)
