@@ -1,40 +1,161 @@
-"""experiments/bench.py end to end on the smallest case: every implementation is checked against
-torch before timing, the JSON holds medians, ratios' inputs and the train-step memory table."""
+"""experiments/bench end to end on the smallest case (every implementation is checked against torch
+before timing; the JSON holds medians, the load and the train-step memory table), and its parts:
+the case table, the flags, the load marks, the CPU description and the cuDNN weight layout."""
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("flax")
 pytest.importorskip("optax")
 
-from experiments import bench  # noqa: E402
+import jlstm  # noqa: E402
+from experiments.bench import adapters, cases, cli, machine, report  # noqa: E402
 
 
-def test_bench_writes_checked_timings_and_memory(tmp_path, capsys):
+def test_bench_writes_checked_timings_and_memory(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(machine, "load_average", lambda: 0.0)  # a quiet machine: nothing marked
     out = tmp_path / "bench.json"
     argv = ["--cases", "mnist", "--samples", "2", "--sample-s", "0.01", "--no-epoch"]
     argv += ["--impls", "torch,jlstm,flax", "--memory-cases", "mnist", "--out", str(out)]
-    assert bench.main(argv) == 0
-    report = json.loads(out.read_text())
-    assert [(r["case"], r["mode"]) for r in report["results"]] == [
+    assert cli.main(argv) == 0
+    report_ = json.loads(out.read_text())
+    assert [(r["case"], r["mode"]) for r in report_["results"]] == [
         ("mnist", "fwd"),
         ("mnist", "train"),
     ]
-    for record in report["results"]:
+    for record in report_["results"]:
+        assert (record["load_avg_1m"], record["load_avg_1m_end"], record["loaded"]) == (0, 0, False)
         for name in ("torch", "jlstm", "flax"):
             impl = record["impls"][name]
             assert impl["max_rel_err"] < 1e-4 and "error" not in impl
             assert len(impl["samples_s"]) == 2 and impl["median_s"] > 0
-    memory = report["peak_memory"]["mnist"]
+            assert impl["cpu_median_s"] > 0
+    memory = report_["peak_memory"]["mnist"]
     assert set(memory) == {"torch", "jlstm", "jlstm checkpoint_every=16", "flax"}
     assert all(v > 0 for v in memory.values()), memory
+    assert set(report_["device"]["cpu_features"]) == {"avx2", "avx512f", "amx"}
+    assert report_["command"].endswith(" -m experiments.bench " + " ".join(argv))
     printed = capsys.readouterr().out
     assert "| mnist | train |" in printed and "jlstm/torch" in printed
     assert "| mnist |" in printed.split("Memory of one train step")[1]
+    assert report.LOADED_MARK not in printed and "WARNING" not in printed
 
 
-def test_bench_refuses_an_unknown_case():
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--cases", "huge"])
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [
+        ("--cases", "huge", cases.CASES),
+        ("--modes", "bwd", cases.MODES),
+        ("--impls", "torch,keras", adapters.IMPLS),
+        ("--memory-cases", "huge", cases.CASES),
+    ],
+)
+def test_bench_refuses_an_unknown_name(flag, value, allowed, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_args([flag, value])
+    assert exit_.value.code == 2
+    bad = [v for v in value.split(",") if v not in allowed]
+    assert f"error: unknown {bad}; choose from {list(allowed)}" in capsys.readouterr().err
+
+
+def test_bench_refuses_an_unknown_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_args(["--sample-count", "3"])  # --samples is the flag
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --sample-count 3" in capsys.readouterr().err
+
+
+def test_bench_defaults():
+    args = cli.parse_args([])
+    assert args.cases == cases.BENCH_CASES and args.modes == cases.MODES
+    assert args.impls == adapters.IMPLS and (args.samples, args.sample_s) == (9, 0.2)
+    quick = cli.parse_args(["--quick", "--impls", "jlstm"])
+    assert quick.cases == cases.QUICK_CASES and quick.impls == ["torch", "jlstm"]
+    assert (quick.samples, quick.sample_s, quick.epoch_samples) == (3, 0.05, 1)
+
+
+def test_every_case_is_a_valid_torch_configuration():
+    for name, case in cases.CASES.items():
+        assert isinstance(case, cases.Case), name
+        assert case.cell in ("lstm", "gru"), name
+        sizes = (case.batch, case.seq_len, case.input_size, case.hidden_size, case.num_layers)
+        assert all(isinstance(v, int) and v >= 1 for v in sizes), name
+        assert isinstance(case.bidirectional, bool), name
+    assert len(set(cases.CASES.values())) == len(cases.CASES), "two names for one configuration"
+    for subset in (cases.BENCH_CASES, cases.QUICK_CASES):
+        assert len(set(subset)) == len(subset) and set(subset) <= set(cases.CASES)
+    assert any(case.batch == 1 for case in map(cases.CASES.get, cases.BENCH_CASES))  # serving
+
+
+@pytest.mark.parametrize(
+    "start, end, cores, loaded",
+    [
+        (0.0, 0.0, 2, False),
+        (1.0, 0.2, 2, False),
+        (0.2, 1.01, 2, True),
+        (3.9, 1.0, 8, False),
+        (4.1, 0.0, 8, True),
+    ],
+)
+def test_a_measurement_over_half_the_cores_is_marked_loaded(start, end, cores, loaded):
+    assert machine.is_loaded(start, end, cores) is loaded
+    record = machine.load_record(start, end, cores)
+    assert record == {"load_avg_1m": start, "load_avg_1m_end": end, "loaded": loaded}
+
+
+def _record(case, loaded):
+    timing = {"median_s": 1e-3, "compile_s": 0.5}
+    impls = {"torch": timing, "jlstm": timing, "flax": timing}
+    return {"case": case, "mode": "fwd", "impls": impls} | machine.load_record(0.1, 0.1 + loaded, 1)
+
+
+def test_the_table_marks_loaded_rows_and_explains_the_mark():
+    rows = [_record("quiet", False), _record("busy", True)]
+    lines = report.table(rows).splitlines()
+    assert lines[0].endswith("| load 1m |")
+    assert lines[2].startswith("| quiet | fwd |") and lines[2].endswith("| 0.1–0.1 |")
+    assert lines[3].startswith("| busy | fwd |") and lines[3].endswith("| 0.1–1.1 * |")
+    assert "exceeded 0.5 x 1 cores" in report.load_footnote(rows, cores=1)
+    assert report.load_footnote(rows[:1], cores=1) == ""
+
+
+def test_cpu_info_reads_the_first_processor():
+    text = (
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n"
+        "flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
+        "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n"
+    )
+    info = machine.cpu_info(text)
+    assert info == {
+        "model": "Intel(R) Xeon(R) Platinum 8488C",
+        "avx2": True,
+        "avx512f": True,
+        "amx": True,
+    }
+    assert machine.describe_cpu(info).endswith("(AVX2, AVX-512F, AMX)")
+
+
+def test_to_cudnn_lays_out_a_stack_as_jax_experimental_rnn_reads_it():
+    from jax import random
+    from jax.experimental import rnn
+
+    params = jlstm.init_lstm(random.key(0), 3, 5, num_layers=2, bidirectional=True)
+    w_ih, w_hh, b_ih, b_hh = rnn.unpack_lstm_weights(
+        adapters.to_cudnn(params), 3, 5, num_layers=2, bidirectional=True
+    )
+    for index, suffix in enumerate(["_l0", "_l0_reverse", "_l1", "_l1_reverse"]):
+        for got, name in [(w_ih, "weight_ih"), (w_hh, "weight_hh"), (b_ih, "bias_ih")]:
+            np.testing.assert_array_equal(got[index], params[name + suffix])
+        np.testing.assert_array_equal(b_hh[index], params["bias_hh" + suffix])
+
+
+def test_gpu_only_columns_are_left_out_on_cpu():
+    if adapters.jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU backend")
+    case = cases.CASES["mnist"]
+    assert not any(adapters.applies(n, case) for n in adapters.GPU_ONLY)
+    assert adapters.applies("jlstm-fused", case) and adapters.applies("flax", case)
+    assert "impl='cudnn'" in adapters.jlstm_refusal("cudnn", case)

@@ -1,0 +1,120 @@
+"""``python -m experiments.bench``: flags, the run over cases and modes, and the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import torch
+
+from experiments import bench
+from experiments.bench import machine, report
+from experiments.bench.adapters import IMPLS
+from experiments.bench.cases import BENCH_CASES, CASES, MODES, QUICK_CASES
+from experiments.bench.epoch import bench_epoch
+from experiments.bench.memory import bench_memory, torch_memory_child
+from experiments.bench.timing import bench_case
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=bench.__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help=f"cases {QUICK_CASES}, 3 short samples")
+    p.add_argument(
+        "--cases", help=f"comma-separated subset of {list(CASES)} (default {BENCH_CASES})"
+    )
+    p.add_argument("--modes", default="fwd,train", help="comma-separated subset of fwd,train")
+    p.add_argument("--impls", default=",".join(IMPLS), help="cudnn runs only on a GPU backend")
+    p.add_argument("--samples", type=int, help="round-robin samples per case (default 9, quick 3)")
+    p.add_argument("--sample-s", type=float, help="seconds per sample (default 0.2, quick 0.05)")
+    p.add_argument("--epoch-samples", type=int, help="MNIST epochs per framework (default 3)")
+    p.add_argument("--no-epoch", action="store_true", help="skip the MNIST training epoch")
+    p.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--torch-device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="runs/bench/bench.json", help="where the JSON goes")
+    p.add_argument(
+        "--memory-cases", default="long", help="cases whose train-step peak memory is measured"
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--memory-child", metavar="CASE", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child:
+        return args
+    args.cases = args.cases.split(",") if args.cases else QUICK_CASES if args.quick else BENCH_CASES
+    args.modes, args.impls = args.modes.split(","), args.impls.split(",")
+    args.samples = args.samples or (3 if args.quick else 9)
+    args.sample_s = args.sample_s or (0.05 if args.quick else 0.2)
+    args.epoch_samples = args.epoch_samples or (1 if args.quick else 3)
+    args.memory_cases = [] if args.no_memory else args.memory_cases.split(",")
+    for value, allowed in [
+        (args.cases, CASES),
+        (args.modes, MODES),
+        (args.impls, IMPLS),
+        (args.memory_cases, CASES),
+    ]:
+        if bad := [v for v in value if v not in allowed]:
+            p.error(f"unknown {bad}; choose from {list(allowed)}")
+    if "torch" not in args.impls or args.impls[0] != "torch":
+        args.impls = ["torch", *(i for i in args.impls if i != "torch")]  # torch is the reference
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+    if args.memory_child:
+        print(json.dumps(torch_memory_child(args.memory_child, args.torch_device)))
+        return 0
+    env = machine.environment(args, sys.argv[1:] if argv is None else argv)
+    versions, device = env["versions"], env["device"]
+    print(
+        f"{env['date']}  jax {jax.__version__} ({jax.default_backend()})  torch {torch.__version__}"
+        f" ({args.torch_device}, {torch.get_num_threads()} threads)  {device['cpu']}"
+        f"  jlstm.native: {env['jlstm_native']}"
+    )
+    cpu = machine.describe_cpu({"model": device["cpu"], **device["cpu_features"]})
+    print(
+        f"{cpu}, {device['cpu_count']} cores, load {device['load_avg_1m_at_start']:.2f}; "
+        f"jaxlib {versions['jaxlib']}, flax {versions['flax']}; {env['command']}"
+    )
+    results, start = [], time.perf_counter()
+    for name in args.cases:
+        for mode in args.modes:
+            print(f"{name} {mode} {tuple(CASES[name])}", flush=True)
+            results.append(bench_case(name, CASES[name], mode, args.impls, args))
+            print(report.table(results[-1:]).splitlines()[-1], flush=True)
+    epoch = None if args.no_epoch else bench_epoch(args)
+    memory = bench_memory(args)
+    env["total_s"] = time.perf_counter() - start
+    timed = results + ([epoch] if epoch else [])
+    cores = os.cpu_count() or 1
+    print("\n" + report.table(results))
+    if memory:
+        print(
+            "\nMemory of one train step, MiB beyond its inputs (JAX: XLA temp + output buffers;"
+            " torch: peak resident memory):"
+        )
+        print(report.memory_table(memory))
+    if epoch:
+        print("\n" + report.epoch_line(epoch))
+    if footnote := report.load_footnote(timed, cores):
+        print("\n" + footnote)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = env | {"results": results, "mnist_epoch": epoch, "peak_memory": memory}
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"\nwrote {out} ({env['total_s']:.0f} s)")
+    if loaded := [r for r in timed if r["loaded"]]:
+        print(
+            f"WARNING: {len(loaded)} of {len(timed)} measurements ran under load "
+            f"({report.LOADED_MARK}); rerun on a quiet machine"
+            + (" or with --torch-threads 1" if args.torch_threads > 1 else "")
+        )
+    failed = [r for r in results if any("error" in v for v in r["impls"].values())]
+    return 1 if failed else 0

@@ -1,0 +1,133 @@
+"""What the benchmark ran on and alongside: CPU model and vector extensions, versions, threads,
+the command line, and the machine's load, by which a measurement is marked as taken under load.
+
+A figure is published only from a run in which no case is marked: other processes on the cores
+slow torch's OpenMP team (which waits for its slowest thread) far more than XLA, so ratios to
+torch measured under load come out too low.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import flax
+import jax
+import jaxlib
+import numpy as np
+import optax
+import torch
+
+from experiments.bench import adapters
+from experiments.bench.cases import CASES
+
+LOADED_FRACTION = 0.5  # a case is "loaded" when the 1-minute load exceeds this x the cores
+
+
+def load_average() -> float:
+    """The 1-minute load average: processes running or waiting for a core, over the last minute."""
+    return os.getloadavg()[0]
+
+
+def is_loaded(start: float, end: float, cores: int) -> bool:
+    """Whether a measurement between two 1-minute load readings shared the CPU with other work.
+
+    >>> is_loaded(0.3, 0.9, cores=2), is_loaded(0.3, 1.1, cores=2)
+    (False, True)
+    """
+    return max(start, end) > LOADED_FRACTION * cores
+
+
+def load_record(start: float, end: float, cores: int | None = None) -> dict:
+    """The JSON fields of a measurement's load: both readings and whether it counts as loaded.
+
+    >>> load_record(1.5, 0.5, cores=4)
+    {'load_avg_1m': 1.5, 'load_avg_1m_end': 0.5, 'loaded': False}
+    """
+    cores = cores or os.cpu_count() or 1
+    return {"load_avg_1m": start, "load_avg_1m_end": end, "loaded": is_loaded(start, end, cores)}
+
+
+def cpu_info(cpuinfo: str) -> dict:
+    """CPU model and the vector/matrix extensions that decide GEMM speed, from /proc/cpuinfo text.
+
+    >>> cpu_info("model name\\t: AMD EPYC 9R14\\nflags\\t\\t: fpu avx2 avx512f\\n")
+    {'model': 'AMD EPYC 9R14', 'avx2': True, 'avx512f': True, 'amx': False}
+    """
+    fields = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (line.partition(":") for line in cpuinfo.splitlines()[::-1])
+    )  # reversed, so the first processor's values win
+    flags = set(fields.get("flags", "").split())
+    return {
+        "model": fields.get("model name") or platform.processor(),
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "amx": "amx_tile" in flags,
+    }
+
+
+def describe_cpu(cpu: dict) -> str:
+    """One line for the printed header.
+
+    >>> describe_cpu({"model": "X", "avx2": True, "avx512f": False, "amx": False})
+    'X (AVX2, no AVX-512F, no AMX)'
+    """
+    names = {"avx2": "AVX2", "avx512f": "AVX-512F", "amx": "AMX"}
+    return (
+        f"{cpu['model']} ("
+        + ", ".join(("" if cpu[k] else "no ") + v for k, v in names.items())
+        + ")"
+    )
+
+
+def _git(*cmd: str) -> str:
+    try:
+        return subprocess.run(["git", *cmd], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def environment(args, argv: list[str]) -> dict:
+    """The JSON header of a run; ``argv`` is the command line's flags."""
+    cpuinfo = Path("/proc/cpuinfo")
+    cpu = cpu_info(cpuinfo.read_text() if cpuinfo.exists() else "")
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, "-m", "experiments.bench", *argv]),
+        "git_commit": _git("rev-parse", "--short", "HEAD")
+        + ("-dirty" if _git("status", "-s", "--untracked-files=no") else ""),
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__,
+            "optax": optax.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
+        "device": {
+            "jax_backend": jax.default_backend(),
+            "jax_devices": [str(d) for d in jax.devices()],
+            "torch_device": args.torch_device,
+            "cpu": cpu["model"],
+            "cpu_features": {k: v for k, v in cpu.items() if k != "model"},
+            "cpu_count": os.cpu_count(),
+            "load_avg_1m_at_start": load_average(),
+        },
+        "threads": {
+            "torch_intra_op": torch.get_num_threads(),
+            "torch_inter_op": torch.get_num_interop_threads(),
+            "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))},
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "xla_cpu_threads": "XLA default (one per core)",
+            "jlstm_native_threads": os.environ.get("JLSTM_NATIVE_THREADS", "one per core"),
+        },
+        # Whether jlstm's C++ loop (impl="native", what "auto" takes on CPU) runs here, or why not.
+        "jlstm_native": adapters.jlstm_refusal("native", CASES["mnist"]) or "available",
+        "config": dict(vars(args)),
+    }

@@ -1,0 +1,83 @@
+"""The printed tables: times, ratios and compile seconds per case; train-step memory; the MNIST
+epoch; and the marks of measurements taken under load."""
+
+from __future__ import annotations
+
+from experiments.bench.adapters import IMPLS
+from experiments.bench.machine import LOADED_FRACTION
+
+LOADED_MARK = "*"
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """``value`` formatted, or a dash where there is none.
+
+    >>> fmt(1.234, ".1f"), fmt(None, ".1f")
+    ('1.2', '–')
+    """
+    return "–" if value is None else format(value, spec)
+
+
+def load_cell(record: dict) -> str:
+    """The 1-minute load before–after a measurement, marked if it counts as loaded.
+
+    >>> load_cell({"load_avg_1m": 0.31, "load_avg_1m_end": 2.5, "loaded": True})
+    '0.3–2.5 *'
+    """
+    loads = f"{record['load_avg_1m']:.1f}–{record['load_avg_1m_end']:.1f}"
+    return loads + (f" {LOADED_MARK}" if record["loaded"] else "")
+
+
+def load_footnote(records: list[dict], cores: int) -> str:
+    """What the mark means, if any of ``records`` carries it; else the empty string."""
+    if not any(r["loaded"] for r in records):
+        return ""
+    return (
+        f"{LOADED_MARK} measured while the 1-minute load average exceeded {LOADED_FRACTION} x "
+        f"{cores} cores: other processes shared the CPU, and torch's OpenMP threads lose far more "
+        "to that than XLA's (ratios to torch come out too low); publish no figure from it"
+    )
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: medians (ms), ratios to torch and jlstm/flax, JAX compile seconds, the load."""
+    names = [n for n in IMPLS if any("median_s" in r["impls"].get(n, {}) for r in results)]
+    others = [n for n in names if n != "torch"]
+    head = ["case", "mode", *(f"{n} ms" for n in names), *(f"{n}/torch" for n in others)]
+    head += ["jlstm/flax", *(f"{n} compile s" for n in others), "load 1m"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        t = {n: r["impls"].get(n, {}).get("median_s") for n in IMPLS}
+
+        def ratio(a, b, t=t):
+            return t[a] / t[b] if t[a] and t[b] else None
+
+        row = [r["case"], r["mode"], *(fmt(t[n] and t[n] * 1e3, ".2f") for n in names)]
+        row += [fmt(ratio(n, "torch"), ".2f") for n in others]
+        row += [fmt(ratio("jlstm", "flax"), ".2f")]
+        row += [fmt(r["impls"].get(n, {}).get("compile_s"), ".1f") for n in others]
+        row += [load_cell(r)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def memory_table(results: dict) -> str:
+    labels = list(dict.fromkeys(k for row in results.values() for k in row))
+    others = [lb for lb in labels if lb != "torch"]
+    head = ["case", *(f"{lb} MiB" for lb in labels), *(f"{lb} / torch" for lb in others)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case_name, row in results.items():
+        cells = [case_name, *(fmt(row.get(lb), ".1f") for lb in labels)]
+        t = row.get("torch")
+        cells += [fmt(row[lb] / t if row.get(lb) and t else None, ".2f") for lb in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def epoch_line(epoch: dict) -> str:
+    return (
+        f"MNIST epoch ({epoch['batches']} batches of {epoch['batch']}): "
+        f"torch {epoch['torch']['median_s']:.2f} s, jlstm {epoch['jlstm']['median_s']:.2f} s "
+        f"(ratio {epoch['ratio_jlstm_torch']:.2f}; jlstm compile {epoch['compile_s']:.1f} s; "
+        f"load {load_cell(epoch)})"
+    )
