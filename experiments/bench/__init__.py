@@ -16,7 +16,7 @@ respect to the parameters and the input. Results print as a markdown table and g
 it; one taken while the load exceeded half the cores is marked ``*`` (``"loaded": true``).
 
 The package: ``cases`` (the one table of benchmark cases), ``adapters`` (torch, jlstm, flax and
-cuDNN on the same weights), ``timing`` (check, then round-robin), ``memory`` (train-step peak
-memory), ``epoch`` (a whole MNIST epoch), ``machine`` (CPU, versions, load), ``report`` (tables),
-``cli`` (flags and the run).
+cuDNN on the same weights), ``timing`` (comparison with torch, round-robin timing), ``memory``
+(train-step peak memory), ``epoch`` (a whole MNIST epoch), ``machine`` (CPU, versions, load),
+``report`` (tables), ``cli`` (flags; each case checked, then timed; the run).
 """

@@ -13,12 +13,42 @@ import jax
 import torch
 
 from experiments import bench
-from experiments.bench import machine, report
+from experiments.bench import adapters, machine, report
 from experiments.bench.adapters import IMPLS
-from experiments.bench.cases import BENCH_CASES, CASES, MODES, QUICK_CASES
+from experiments.bench.cases import BENCH_CASES, CASES, MODES, QUICK_CASES, Case
 from experiments.bench.epoch import bench_epoch
 from experiments.bench.memory import bench_memory, torch_memory_child
-from experiments.bench.timing import bench_case
+from experiments.bench.timing import max_rel_err, time_round_robin
+
+
+def bench_case(name: str, case: Case, mode: str, impl_names: list[str], args) -> dict:
+    """One (case, mode): every implementation that applies is checked against torch (the first
+    of `impl_names`), and those that agree are timed side by side."""
+    load_start = machine.load_average()
+    module, x, cot = adapters.setup(case, args.torch_device)
+    tol = adapters.tolerance()
+
+    impls, record = {}, {"case": name, "mode": mode, "shape": case._asdict(), "impls": {}}
+    reference = None
+    for impl_name in impl_names:
+        if not adapters.applies(impl_name, case):
+            continue
+        impl = adapters.make_impl(impl_name, case, mode, module, x, cot, args.torch_device)
+        got = impl.result(impl.sync(impl.run()))
+        if reference is None:
+            reference = got
+        err = max_rel_err(got, reference)
+        rec = record["impls"][impl_name] = {"max_rel_err": err, "compile_s": impl.compile_s}
+        print(f"  {impl_name}: max relative error vs torch {err:.1e}", flush=True)
+        if err > tol:
+            rec["error"] = f"disagrees with torch: max relative error {err:.2e} > {tol:.0e}"
+            print(f"  {name}/{mode}/{impl_name}: {rec['error']} -- not timed", flush=True)
+            continue
+        impls[impl_name] = impl
+    for impl_name, timing in time_round_robin(impls, args.samples, args.sample_s).items():
+        record["impls"][impl_name] |= timing
+    # Other processes on the cores skew the ratios (torch's OpenMP team loses more than XLA).
+    return record | machine.load_record(load_start, machine.load_average())
 
 
 def parse_args(argv=None):

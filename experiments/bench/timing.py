@@ -1,20 +1,26 @@
-"""Checking each implementation against torch, then timing them round-robin in one process.
+"""Comparing results, and timing implementations round-robin in one process.
 
 Each sample runs every implementation once for a few iterations, the starting implementation
 rotating, so that a slow spell of the machine falls on all of them; a case reports the median over
-samples of the time per iteration (wall clock, and the process' CPU time beside it), with the
-machine's 1-minute load average before and after.
+samples of the time per iteration (wall clock, and the process' CPU time beside it). Nothing here
+imports torch or JAX, so the perf scripts that profile jlstm alone use it too.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from experiments.bench import adapters, machine
-from experiments.bench.cases import Case
+
+class Timed(NamedTuple):
+    """What :func:`time_round_robin` needs of an implementation (``adapters.Impl`` has more)."""
+
+    run: Callable[[], Any]  # one iteration, synchronous only after `sync`
+    sync: Callable[[Any], Any]  # waits for the result of `run`
 
 
 def max_rel_err(got: dict, want: dict) -> float:
@@ -34,7 +40,7 @@ def max_rel_err(got: dict, want: dict) -> float:
     return float(max(errs))
 
 
-def time_round_robin(impls: dict[str, adapters.Impl], samples: int, sample_s: float) -> dict:
+def time_round_robin(impls: dict[str, Timed], samples: int, sample_s: float) -> dict:
     """Median time per iteration of each implementation over `samples` round-robin samples:
     wall clock (``median_s``, what the tables show) and process CPU time (``cpu_median_s``: about
     wall x the number of cores kept busy)."""
@@ -64,33 +70,3 @@ def time_round_robin(impls: dict[str, adapters.Impl], samples: int, sample_s: fl
         }
         for name, t in times.items()
     }
-
-
-def bench_case(name: str, case: Case, mode: str, impl_names: list[str], args) -> dict:
-    """One (case, mode): every implementation that applies is checked against torch (the first
-    of `impl_names`), and those that agree are timed side by side."""
-    load_start = machine.load_average()
-    module, x, cot = adapters.setup(case, args.torch_device)
-    tol = adapters.tolerance()
-
-    impls, record = {}, {"case": name, "mode": mode, "shape": case._asdict(), "impls": {}}
-    reference = None
-    for impl_name in impl_names:
-        if not adapters.applies(impl_name, case):
-            continue
-        impl = adapters.make_impl(impl_name, case, mode, module, x, cot, args.torch_device)
-        got = impl.result(impl.sync(impl.run()))
-        if reference is None:
-            reference = got
-        err = max_rel_err(got, reference)
-        rec = record["impls"][impl_name] = {"max_rel_err": err, "compile_s": impl.compile_s}
-        print(f"  {impl_name}: max relative error vs torch {err:.1e}", flush=True)
-        if err > tol:
-            rec["error"] = f"disagrees with torch: max relative error {err:.2e} > {tol:.0e}"
-            print(f"  {name}/{mode}/{impl_name}: {rec['error']} -- not timed", flush=True)
-            continue
-        impls[impl_name] = impl
-    for impl_name, timing in time_round_robin(impls, args.samples, args.sample_s).items():
-        record["impls"][impl_name] |= timing
-    # Other processes on the cores skew the ratios (torch's OpenMP team loses more than XLA).
-    return record | machine.load_record(load_start, machine.load_average())

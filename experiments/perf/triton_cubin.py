@@ -1,25 +1,31 @@
-"""Compiles jlstm.pallas' kernels to H100 machine code (sm_90 cubin) on a machine without a GPU and
-reports what each needs per thread: registers, spill stack, shared memory.
+"""Backs README's and BENCHMARKS.md's sm_90 resource table of the Pallas kernels (registers, spill
+stack, shared memory): ``python -m experiments.perf.triton_cubin dump /tmp/ttir``, then ``compile``
+(commands below). Compiles jlstm.pallas' kernels to H100 machine code (sm_90 cubin) on a machine
+without a GPU and reports what each needs per thread.
 
 The test suite checks that the kernels lower to Triton IR (``jlstm.pallas.lowered_for_cuda``); this
 goes on through Triton's own compiler (TTIR -> TTGIR -> LLVM -> PTX -> ptxas), which is where tile
 shapes that do not fit a GPU show up. Triton is not a jlstm dependency, so it runs in two steps and
 two environments:
 
-    .venv/bin/python -m experiments.prototypes.triton_cubin dump /tmp/ttir
+    .venv/bin/python -m experiments.perf.triton_cubin dump /tmp/ttir
     python3 -m venv /tmp/tv && /tmp/tv/bin/pip install triton==3.9.0
     PATH=$PATH:$(echo /tmp/tv/lib/python3*/site-packages/triton/backends/nvidia/bin) \\
-        /tmp/tv/bin/python experiments/prototypes/triton_cubin.py compile /tmp/ttir
+        /tmp/tv/bin/python experiments/perf/triton_cubin.py compile /tmp/ttir
 
 ``dump`` writes the Triton IR of the forward (saving the gates) and backward kernels of a packed
-training step, LSTM and GRU, H = 64 and 128, float32; ``compile`` builds each for sm_90 with the
-``num_warps`` jlstm uses and prints ``cuobjdump --dump-resource-usage``.
+training step, LSTM and GRU, H = 64, 128 and 256, float32, and prints the ``num_warps`` jlstm asks
+for; ``compile`` builds each for sm_90 with that many warps (NUM_WARPS, default 8) and prints
+``cuobjdump --dump-resource-usage``. ``dump`` captures each kernel's Triton IR by wrapping JAX's
+Pallas-to-Triton lowering (a JAX internal: the lowered StableHLO holds the IR only as bytecode,
+which Triton's compiler does not read).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -30,9 +36,9 @@ def dump(directory: str) -> None:
     from jax._src.pallas.triton import lowering
 
     import jlstm
-    from jlstm import pallas
+    from jlstm.pallas import lowered_for_cuda  # the one use of jlstm beyond its public API
 
-    modules = []
+    modules, warps = [], set()
     lower = lowering.lower_jaxpr_to_triton_module
 
     def capture(*args, **kwargs):
@@ -53,11 +59,12 @@ def dump(directory: str) -> None:
                 return jnp.sum(layer(p, x, seq_lengths=lengths, impl="pallas")[0])
 
             start = len(modules)
-            pallas.lowered_for_cuda(jax.grad(loss, argnums=(0, 1)), params, x)
-            for name, text in zip(("fwd", "bwd"), modules[start:], strict=True):
+            text = lowered_for_cuda(jax.grad(loss, argnums=(0, 1)), params, x)
+            warps |= set(re.findall(r"num_warps = (\d+) : i32", text))
+            for name, ir in zip(("fwd", "bwd"), modules[start:], strict=True):
                 with open(os.path.join(directory, f"{kind}_H{hidden}_{name}.ttir"), "w") as f:
-                    f.write(text)
-    print(f"{len(modules)} kernels in {directory}; num_warps {pallas._compiler_params().num_warps}")
+                    f.write(ir)
+    print(f"{len(modules)} kernels in {directory}; num_warps {', '.join(sorted(warps))}")
 
 
 def compile_all(directory: str, num_warps: int = 8) -> None:

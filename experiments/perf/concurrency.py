@@ -1,10 +1,10 @@
 # ruff: noqa: E741, N806, B023  (B, T, I, H as in the issue; loop closures run within their iteration)
-"""Does XLA CPU use both cores? Wall and process CPU time (CPU ≈ 2× wall means two busy cores).
-
-    python -m experiments.prototypes.concurrency
+"""Backs BENCHMARKS.md's "a large GEMM outside a loop runs on both cores" figures:
+``python -m experiments.perf.concurrency``. Does XLA CPU use both cores? Wall and process CPU time
+(CPU ≈ 2× wall means two busy cores).
 
 1. One large GEMM (8192×512 @ 512×4096) outside any loop: XLA vs torch (2 threads).
-2. An LSTM forward over the long case (16, 1024, 64, 128) written three ways: one step as usual;
+2. An LSTM forward over experiments.bench's long case written three ways: one step as usual;
    the batch split into two independent halves per step; the gate columns split into two dots.
    If XLA ran independent work inside a loop body on two threads, the split versions would be
    faster in wall time and use more CPU time than wall time.
@@ -12,12 +12,16 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import torch
 from jax import lax
 
-from experiments.prototypes.common import rel_err, report, round_robin
+from experiments.bench.cases import CASES
+from experiments.bench.timing import max_rel_err
+from experiments.perf.common import report, round_robin
 
-B, T, I, H = 16, 1024, 64, 128
+LONG = CASES["long"]
+B, T, I, H = LONG.batch, LONG.seq_len, LONG.input_size, LONG.hidden_size
 
 
 def gemm():
@@ -81,9 +85,9 @@ def lstm_variants():
             ("column halves", column_halves),
         ]
     }
-    want = fns["one step"](x)
+    want = np.asarray(fns["one step"](x))
     for name, f in fns.items():
-        assert rel_err(f(x), want) < 1e-5, name
+        assert max_rel_err({"y": f(x)}, {"y": want}) < 1e-5, name
     med = round_robin({n: (lambda f=f: f(x)) for n, f in fns.items()})
     report(f"LSTM forward, (B,T,I,H)={B, T, I, H}", med, "one step", per=T)
 

@@ -1,0 +1,11 @@
+"""Performance tools, each backing a figure in BENCHMARKS.md or README (its first docstring line
+says which, and the command). They time jlstm through its public API on experiments.bench's cases:
+
+- ``knobs``: in-process A/B of public options (``checkpoint_every``, ``impl``), fwd and train.
+- ``flags``: jlstm's CPU time under process-wide settings (``XLA_FLAGS``, ``JLSTM_NATIVE_THREADS``).
+- ``concurrency``: whether XLA CPU runs a large GEMM, and a loop body's independent dots, on all
+  cores.
+- ``cpu_devices``: one virtual CPU device per core, the batch split with ``shard_map``.
+- ``profile_case``: one case's jitted step in a loop, for ``perf record``.
+- ``triton_cubin``: the Pallas kernels compiled to sm_90 machine code; registers and shared memory.
+"""

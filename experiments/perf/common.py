@@ -1,0 +1,57 @@
+"""What the perf scripts share: a case's random problem through jlstm's public API, and round-robin
+timing (experiments.bench's) of plain callables with wall and process CPU time side by side.
+
+CPU time is kept because on a shared machine the CPU time of a loop is far steadier than its wall
+time, and CPU time / wall time says how many cores a call kept busy.
+"""
+
+from __future__ import annotations
+
+import jax
+
+import jlstm
+from experiments.bench.cases import Case, num_directions
+from experiments.bench.timing import Timed, time_round_robin
+
+
+def layer_and_init(case: Case):
+    """``(jlstm.lstm, jlstm.init_lstm)`` or the GRU's, for a case's cell."""
+    return {"lstm": (jlstm.lstm, jlstm.init_lstm), "gru": (jlstm.gru, jlstm.init_gru)}[case.cell]
+
+
+def problem(case: Case, seed: int = 0):
+    """``(params, x, cot)``: jlstm's initial weights for the case, a time-major input and an output
+    cotangent (the weights of ``sum(output * cot)``, the loss every train step differentiates)."""
+    _, init = layer_and_init(case)
+    keys = jax.random.split(jax.random.key(seed), 3)
+    params = init(
+        keys[0],
+        case.input_size,
+        case.hidden_size,
+        num_layers=case.num_layers,
+        bidirectional=case.bidirectional,
+    )
+    x = jax.random.normal(keys[1], (case.seq_len, case.batch, case.input_size))
+    cot = jax.random.normal(
+        keys[2], (case.seq_len, case.batch, num_directions(case) * case.hidden_size)
+    )
+    return params, x, cot
+
+
+def round_robin(fns: dict, samples: int = 7, sample_s: float = 0.25) -> dict:
+    """``fns``: name -> zero-argument callable returning JAX arrays. Returns name -> (median wall
+    seconds, median process CPU seconds) per call, sampled round-robin."""
+    impls = {name: Timed(f, jax.block_until_ready) for name, f in fns.items()}
+    timings = time_round_robin(impls, samples, sample_s)
+    return {name: (t["median_s"], t["cpu_median_s"]) for name, t in timings.items()}
+
+
+def report(title: str, med: dict, base: str, per: int | None = None) -> None:
+    """Prints wall and CPU ms (and µs per ``per`` steps) of each entry, with ratios to ``base``."""
+    print(title, flush=True)
+    bw, bc = med[base]
+    for n, (w, c) in med.items():
+        extra = f"  {c / per * 1e6:7.2f} µs/step (CPU)" if per else ""
+        print(
+            f"  {n:34s} wall {w * 1e3:9.3f} ms x{w / bw:5.2f}   CPU {c * 1e3:9.3f} ms x{c / bc:5.2f}{extra}"
+        )

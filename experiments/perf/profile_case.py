@@ -1,0 +1,43 @@
+"""Backs BENCHMARKS.md's profile of the wide case: ``perf record ... python -m
+experiments.perf.profile_case wide fwd 20``. Runs one benchmark case's jitted jlstm step in a loop,
+for a sampling profiler to attach to:
+
+    perf record -F 999 -g -o /tmp/wide.data -- \\
+        .venv/bin/python -m experiments.perf.profile_case wide train 20
+    perf report -i /tmp/wide.data --no-children --sort symbol --percent-limit 1 --stdio
+
+``impl`` (fourth argument, default ``auto``) picks the path; the step is compiled and run once
+before the timed loop, whose wall time per step is printed with the case's GEMM throughput.
+Only jlstm and JAX run in this process (no torch), so the profile holds nothing else.
+"""
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench.cases import CASES, flops
+from experiments.perf.common import layer_and_init, problem
+
+
+def main(name: str, mode: str, steps: int, impl: str = "auto") -> None:
+    case = CASES[name]
+    layer, _ = layer_and_init(case)
+    params, x, _ = problem(case)
+
+    def loss(p, x):
+        return jnp.sum(layer(p, x, impl=impl)[0])
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)) if mode == "train" else loss)
+    jax.block_until_ready(step(params, x))
+    start = time.perf_counter()
+    for _ in range(steps):
+        jax.block_until_ready(step(params, x))
+    seconds = (time.perf_counter() - start) / steps
+    rate = flops(case, mode) / seconds / 1e9
+    print(f"{name} {mode} impl={impl}: {seconds * 1e3:.1f} ms per step, {rate:.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:])
