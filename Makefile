@@ -15,7 +15,7 @@ export TFDS_DATA_DIR := $(SHARED_TFDS)
 endif
 endif
 
-.PHONY: install test lint format bench bench-quick train-mnist train-regression train-sentiment clean
+.PHONY: install test lint format docs bench bench-quick train-mnist train-regression train-sentiment clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,18 @@ $(VENV)/.torch: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-# Two workers: compilation dominates and parallelises across processes.
+# Two workers: compilation dominates and parallelises across processes. pyproject.toml's pytest
+# settings add the docstring examples of jlstm/ as doctests (testpaths tests jlstm, --doctest-modules).
 test: $(VENV)/.installed $(VENV)/.torch
 	$(PY) -m pytest -q -n 2
+
+$(VENV)/.docs: $(VENV)/.installed
+	$(PIP) install -q -e '.[docs]'
+	touch $@
+
+# The API site from the docstrings (docs/, Sphinx), offline, warnings as errors: docs/_build/html.
+docs: $(VENV)/.docs
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check jlstm experiments tests
@@ -64,4 +73,4 @@ train-sentiment: $(VENV)/.installed
 	$(PY) -m experiments.sentiment $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache docs/_build

@@ -2,6 +2,7 @@
 before timing; the JSON holds medians, the load and the train-step memory table), and its parts:
 the case table, the flags, the load marks, the CPU description and the cuDNN weight layout."""
 
+import doctest
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ pytest.importorskip("flax")
 pytest.importorskip("optax")
 
 import jlstm  # noqa: E402
-from experiments.bench import adapters, cases, cli, machine, report  # noqa: E402
+from experiments.bench import adapters, cases, cli, machine, report, timing  # noqa: E402
 
 
 def test_bench_writes_checked_timings_and_memory(tmp_path, capsys, monkeypatch):
@@ -159,3 +160,10 @@ def test_gpu_only_columns_are_left_out_on_cpu():
     assert not any(adapters.applies(n, case) for n in adapters.GPU_ONLY)
     assert adapters.applies("jlstm-fused", case) and adapters.applies("flax", case)
     assert "impl='cudnn'" in adapters.jlstm_refusal("cudnn", case)
+
+
+@pytest.mark.parametrize("module", [cases, machine, report, timing], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    """experiments/ is outside the doctest paths (it needs torch); the bench's examples run here."""
+    failed, attempted = doctest.testmod(module)
+    assert (failed, attempted > 0) == (0, True)
