@@ -11,14 +11,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from experiments import preemption
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -118,7 +123,8 @@ def main(
     description: str | None = None,
     prog: str | None = None,
 ) -> int:
-    """Parses flags, runs ``train(config)`` and turns user errors into one line and exit code 1."""
+    """Parses flags, runs ``train(config)`` and turns user errors into one line and exit code 1,
+    a stop on SIGTERM or SIGINT (:mod:`experiments.preemption`) into one line and 143 or 130."""
     config = parse_config(config_cls, argv, description, prog)
     quiet_libraries()
     try:
@@ -126,6 +132,14 @@ def main(
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except preemption.Stopped as e:
+        command = shlex.join(sys.argv[1:] if argv is None else argv)
+        print(
+            f"{e}, where it saved a checkpoint; rerun the same command to resume: "
+            f"{prog or shlex.quote(sys.argv[0])} {command}".rstrip(),
+            file=sys.stderr,
+        )
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(
             "\ninterrupted; rerun the same command to resume from the last checkpoint",
@@ -181,20 +195,33 @@ class Workdir:
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
-    def checkpoints(self) -> Checkpoints:
-        return Checkpoints(self.path / CHECKPOINTS)
+    def checkpoints(self, keep: int = 2) -> Checkpoints:
+        return Checkpoints(self.path / CHECKPOINTS, keep=keep)
 
 
 def write_json(path: Path, obj: Any) -> None:
     """Writes ``obj`` as indented JSON, atomically (a reader never sees half a file)."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replaces ``path`` by ``text`` atomically: a kill leaves the old file or the new one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per evaluation, appended and flushed as it happens
-    (``write=False``: changes nothing, for the other processes of a multi-process run)."""
+    """``metrics.jsonl``: one JSON object per evaluation, each a complete line of its own, appended
+    and written to disk (fsync) as it happens (``write=False``: changes nothing, for the other
+    processes of a multi-process run).
+
+    A run killed while writing leaves at most a cut last line, which :meth:`keep_until` drops
+    (with a warning) before anything is appended after it.
+    """
 
     def __init__(self, path: Path, *, write: bool = True):
         self.path = path
@@ -203,13 +230,28 @@ class MetricsLog:
     def records(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text(errors="replace")
+        lines = text.splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if number == len(lines) and not text.endswith("\n"):
+                    print(f"warning: dropped the cut last line of {self.path}", file=sys.stderr)
+                    break
+                raise ExperimentError(
+                    f"line {number} of {self.path} is not a JSON record; delete that line to "
+                    "keep the run, or add --restart to start over"
+                ) from None
+        return records
 
     def keep_until(self, step: int) -> list[dict]:
-        """Drops records written after ``step`` (by a run killed after its last checkpoint)."""
+        """Drops records written after ``step`` (by a run killed after its last checkpoint) and a
+        cut last line, rewriting the file atomically."""
         kept = [r for r in self.records() if r["step"] <= step]
         if self.write:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     def append(self, record: dict) -> None:
@@ -217,54 +259,140 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------------- checkpoints
 
 
 class Checkpoints:
-    """The latest training state (any pytree of arrays) and a JSON ``meta`` dict, via orbax.
+    """The last ``keep`` training states (any pytree of replicated arrays), each with a JSON
+    ``meta`` dict, via orbax.
 
-    Saving is synchronous, so a run killed after ``save`` returns keeps that checkpoint.
+    Saving is synchronous, so a run killed after ``save`` returns keeps that checkpoint. Each
+    checkpoint carries SHA-256 digests of its meta and its arrays, so that a damaged file is
+    found even where orbax would read it without complaint; :meth:`meta` and :meth:`restore`
+    then fall back to the checkpoint before (with a one-line warning), and end the run with an
+    :class:`ExperimentError` where none can be read.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *, keep: int = 2):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
         self._manager = ocp.CheckpointManager(
             directory.absolute(),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=True, enable_async_checkpointing=False
+                max_to_keep=keep, create=True, enable_async_checkpointing=False
             ),
         )
+        self._directory = directory
+        self._step: int | None = None  # the step whose meta :meth:`meta` returned
+        self._damaged: list[str] = []  # "step N: reason" of each checkpoint found damaged
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def meta(self) -> dict | None:
-        """The latest checkpoint's ``meta`` (cheap: no arrays are read), or None."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        args = self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())
-        return self._manager.restore(step, args=args).meta
+        """The ``meta`` of the latest checkpoint that has a readable one (cheap: no arrays are
+        read), or None where there is no checkpoint."""
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                meta = self._read_meta(step)
+            except Exception as e:
+                self._set_aside(step, e)
+                continue
+            self._step = step
+            return meta
+        return None
 
-    def restore(self, like: Any) -> Any:
-        """The latest state, with the tree structure, shapes and dtypes of ``like``."""
+    def restore(self, like: Any) -> tuple[Any, dict]:
+        """``(state, meta)`` of the checkpoint :meth:`meta` found, or of an earlier one where its
+        arrays are damaged; ``state`` has the tree structure, shapes and dtypes of ``like``."""
         abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
         args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract))
-        return self._manager.restore(self.latest_step(), args=args).state
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            if self._step is not None and step > self._step:
+                continue
+            try:
+                meta = self._read_meta(step)
+                state = self._manager.restore(step, args=args).state
+                if meta.pop("state_sha256", None) not in (None, _digest(state)):
+                    raise ValueError("its arrays do not match their SHA-256 digest")
+            except Exception as e:
+                self._set_aside(step, e)
+                continue
+            return state, meta
+        self._fail()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        meta = meta | {"state_sha256": _digest(state)}
+        meta["meta_sha256"] = _json_digest(meta)
         args = self._ocp.args.Composite(
             state=self._ocp.args.StandardSave(state), meta=self._ocp.args.JsonSave(meta)
         )
         self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
 
+    def reached_preemption(self, counter: int) -> bool:
+        """Whether every process of a multi-process run reached the step to stop at after a
+        preemption notice (orbax's helper over JAX's preemption service; False with one)."""
+        return self._manager.reached_preemption(counter)
+
     def close(self) -> None:
         self._manager.close()
+
+    def _read_meta(self, step: int) -> dict:
+        args = self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())
+        meta = self._manager.restore(step, args=args).meta
+        if not isinstance(meta, dict):
+            raise ValueError("its meta is not a JSON object")
+        digest = meta.pop("meta_sha256", None)  # (checkpoints of older versions have none)
+        if digest not in (None, _json_digest(meta)):
+            raise ValueError("its meta does not match its SHA-256 digest")
+        return meta
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Deletes a damaged checkpoint (a later save may need its step) after saying why;
+        re-raises ``error`` where it is not what a damaged or missing file raises."""
+        cause = error
+        if type(error) is Exception and error.__cause__ is not None:
+            cause = error.__cause__  # orbax wraps tensorstore's read errors in a bare Exception
+        # json, tensorstore and orbax raise ValueError (UnicodeDecodeError, JSONDecodeError,
+        # DATA_LOSS, OUT_OF_RANGE, NOT_FOUND ...), the file system OSError; anything else is a bug.
+        if not isinstance(cause, (ValueError, OSError)):
+            raise error
+        reason = (str(cause).splitlines() or [type(cause).__name__])[0][:160]
+        print(
+            f"warning: the checkpoint of step {step} in {self._directory} is damaged ({reason}); "
+            "deleted it, falling back to the one before",
+            file=sys.stderr,
+        )
+        self._damaged.append(f"step {step}: {reason}")
+        self._manager.delete(step)
+        self._step = None
+
+    def _fail(self) -> typing.NoReturn:
+        raise ExperimentError(
+            f"no checkpoint in the work dir {self._directory.parent} can be restored "
+            f"({'; '.join(self._damaged) or 'none left'}); add --restart to start over there, or "
+            "pass another --workdir"
+        )
+
+
+def _digest(state: Any) -> str:
+    """SHA-256 of the arrays of a pytree of replicated (or single-device) arrays."""
+    sha = hashlib.sha256()
+    for leaf in jax.tree.leaves(state):
+        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        sha.update(f"{array.dtype}{array.shape}".encode())
+        sha.update(np.ascontiguousarray(array).tobytes())
+    return sha.hexdigest()
+
+
+def _json_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def check_same_config(saved: dict, config: Any, *, free: Sequence[str] = ()) -> None:
@@ -281,11 +409,13 @@ def check_same_config(saved: dict, config: Any, *, free: Sequence[str] = ()) -> 
 
 
 def run_in_workdir(config: Any, train: Callable[[Any, Workdir, Checkpoints], Any]) -> Any:
-    """``train(config, workdir, checkpoints)`` in ``config.workdir``, closing the checkpoints after."""
+    """``train(config, workdir, checkpoints)`` in ``config.workdir``, closing the checkpoints after;
+    SIGTERM and SIGINT stop it at the next chunk of steps (:func:`preemption.catch_signals`)."""
     workdir = Workdir(config.workdir, restart=config.restart)
-    checkpoints = workdir.checkpoints()
+    checkpoints = workdir.checkpoints(config.keep_checkpoints)
     try:
-        return train(config, workdir, checkpoints)
+        with preemption.catch_signals():
+            return train(config, workdir, checkpoints)
     finally:
         checkpoints.close()
 
@@ -516,6 +646,8 @@ class Position:
     step: int = 0  # training steps taken
     seconds: float = 0.0  # wall time of training and evaluation so far
     step_seconds: float = 0.0  # of which in training steps
+    # Per-step training metrics since the last evaluation, where a run stopped between two.
+    train: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
 
 def resume(
@@ -526,8 +658,8 @@ def resume(
     if meta is None:
         workdir.metrics.keep_until(-1)
         return state, Position()
-    state = checkpoints.restore(state)
-    at = Position(meta["epoch"], meta["step"], meta["seconds"], meta["step_seconds"])
+    state, meta = checkpoints.restore(state)
+    at = Position(**{f.name: meta[f.name] for f in dataclasses.fields(Position) if f.name in meta})
     workdir.metrics.keep_until(at.step)
     if at.epoch < epochs:
         print(f"resuming {workdir.path} after epoch {at.epoch}/{epochs} (step {at.step})")
@@ -551,6 +683,7 @@ def train_epochs(
     workdir: Workdir,
     checkpoints: Checkpoints,
     unit: str,
+    plot: Callable[[list[dict]], None] = lambda records: None,
 ) -> tuple[Any, Position]:
     """Trains from ``at`` to ``config.epochs`` epochs of ``config.batch_size`` examples, logging
     to ``metrics.jsonl`` after each epoch (and every ``config.eval_every`` steps) and saving a
@@ -561,29 +694,49 @@ def train_epochs(
     ``metrics`` maps names to per-step arrays (at least ``n`` long, replicated; ``"loss"`` is
     required), logged as ``train_<name>``, the mean since the last evaluation. ``evaluate(state)``
     returns the test metrics of a log record (``"test_accuracy"`` is required).
+
+    On SIGTERM or SIGINT (:mod:`experiments.preemption`) it finishes the chunk it is in, saves a
+    checkpoint there (mid-epoch, with the training metrics since the last evaluation), calls
+    ``plot(records)`` on the metrics so far (the primary process only) and raises
+    :class:`preemption.Stopped`; resuming from that checkpoint gives the same metrics as a run
+    that never stopped.
     """
     started, seconds = time.perf_counter(), at.seconds
     epoch, step, step_seconds = at.epoch, at.step, at.step_seconds
+    train = {name: list(values) for name, values in at.train.items()}
+    chunks = 0  # chunks run by this process: the counter of the preemption sync
+    signum = None  # the signal to stop for, once every process should stop
+
+    def elapsed() -> float:
+        return round(seconds + time.perf_counter() - started, 3)
 
     def record(train: dict[str, list[float]]) -> dict:
         result = {"epoch": round(step / steps_per_epoch, 4), "step": step}
         result |= {f"train_{name}": float(np.mean(values)) for name, values in train.items()}
         result |= evaluate(state)
-        result["seconds"] = round(seconds + time.perf_counter() - started, 3)
+        result["seconds"] = elapsed()
         workdir.metrics.append(result)
         return result
 
+    def save(train: dict[str, list[float]]) -> Position:
+        at = Position(epoch, step, elapsed(), step_seconds, train)
+        meta = dataclasses.asdict(at) | {"config": dataclasses.asdict(config)}
+        checkpoints.save(step, state, meta)
+        return at
+
     while epoch < config.epochs:
+        first, last = epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch
         bar = progress(
             steps_per_epoch * config.batch_size,
             desc=f"epoch {epoch + 1}/{config.epochs}",
             unit=unit,
+            initial=(step - first) * config.batch_size,
             unit_scale=True,
         )
         run = epoch_steps(epoch)
-        train: dict[str, list[float]] = {}
-        first, last = epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch
         for end in chunk_ends(first, last, chunk, config.eval_every):
+            if end <= step:  # taken before the run stopped mid-epoch
+                continue
             n = end - step
             t0 = time.perf_counter()
             state, metrics = run(state, step - first, n)
@@ -593,19 +746,29 @@ def train_epochs(
             step = end
             bar.update(n * config.batch_size)
             bar.set_postfix(loss=f"{np.mean(train['loss'][-n:]):.4f}")
+            signum = preemption.stop_signal(checkpoints, chunks)
+            chunks += 1
             if config.eval_every and step % config.eval_every == 0 and end < last:
                 r = record(train)
                 train = {}
                 if workdir.primary:  # (a disabled bar still writes)
                     bar.write(f"  step {step}: test accuracy {r['test_accuracy']:.2%}")
+            if signum is not None and end < last:
+                save(train)
+                bar.close()
+                if workdir.primary:
+                    plot(workdir.metrics.records())
+                raise preemption.Stopped(step, signum)
         epoch += 1
         r = record(train)
+        train = {}
         bar.set_postfix(loss=f"{r['train_loss']:.4f}", test_acc=f"{r['test_accuracy']:.2%}")
         bar.close()
-        at = Position(epoch, step, r["seconds"], step_seconds)
-        checkpoints.save(
-            step, state, dataclasses.asdict(at) | {"config": dataclasses.asdict(config)}
-        )
+        at = save(train)
+        if signum is not None and epoch < config.epochs:  # (a finished run just ends)
+            if workdir.primary:
+                plot(workdir.metrics.records())
+            raise preemption.Stopped(step, signum)
     return state, at
 
 

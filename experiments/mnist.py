@@ -62,7 +62,10 @@ class Config:
     seed: int = option(0, "seed of the initial weights and of the shuffling",
                        type=common.nonnegative_int)  # fmt: skip
     workdir: str = option("runs/mnist", "directory for metrics, plots and checkpoints")
-    restart: bool = option(False, "delete the work dir's checkpoint and metrics, start over")
+    restart: bool = option(False, "delete the work dir's checkpoints and metrics, start over")
+    keep_checkpoints: int = option(2, "checkpoints kept, the latest ones (an earlier one is the "
+                                   "fallback where the latest is damaged)",
+                                   type=common.positive_int)  # fmt: skip
     devices: int = option(0, "devices to split each batch over, data-parallel (0: all visible)",
                           type=common.nonnegative_int)  # fmt: skip
     distributed: bool = option(False, "join a multi-host run: jax.distributed.initialize() "
@@ -70,7 +73,8 @@ class Config:
 
 
 # Flags that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart", "devices", "distributed")
+RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart", "keep_checkpoints",
+                     "devices", "distributed")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -84,7 +88,7 @@ def load(name: str, split: str, data_dir: str | None):
         data_dir,
         check=_check_features,
         alternatives="pass --dataset mnist, fashion_mnist or kmnist",
-        hint=" (in this repository's CI: --data-dir ../shared/tensorflow_datasets)",
+        hint=" (e.g. --data-dir ../shared/tensorflow_datasets)",
     )
     examples = common.read_all(source)
     images = np.stack([ex["image"][..., 0] for ex in examples])
@@ -144,7 +148,7 @@ def compiled(config: Config, total_steps: int, chunk: int, mesh: Mesh):
 
 # Fields that the compiled functions do not depend on.
 UNCOMPILED = {"dataset": "", "data_dir": None, "eval_every": 0, "seed": 0, "workdir": "",
-              "restart": False, "devices": 0, "distributed": False}  # fmt: skip
+              "restart": False, "keep_checkpoints": 0, "devices": 0, "distributed": False}  # fmt: skip
 
 
 def make_step(config: Config, tx: optax.GradientTransformation):
@@ -218,6 +222,17 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         loss_sum, correct, predictions = evaluate(state[0], *test_data)
         return {"test_loss": float(loss_sum) / n_test, "test_accuracy": int(correct) / n_test}
 
+    def plot_curves(records: list[dict]) -> None:
+        common.plot_curves(
+            workdir / "curves.png",
+            records,
+            [
+                (("train_loss", "test_loss"), "cross-entropy", "log"),
+                ("test_accuracy", "test accuracy", "percent"),
+            ],
+            title=f"{config.dataset}: {config.cell} {config.hidden_size}, row by row",
+        )
+
     state, at = common.train_epochs(
         config,
         state,
@@ -229,6 +244,7 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         workdir=workdir,
         checkpoints=checkpoints,
         unit="ex",
+        plot=plot_curves,
     )
     if predictions is None:  # a finished run, rerun: nothing was trained or evaluated
         _, _, predictions = evaluate(state[0], *test_data)
@@ -238,15 +254,7 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
     records = workdir.metrics.records()
     summary = common.epoch_summary(config, at, records, state[0], mesh)
     common.write_json(workdir / common.SUMMARY, summary)
-    common.plot_curves(
-        workdir / "curves.png",
-        records,
-        [
-            (("train_loss", "test_loss"), "cross-entropy", "log"),
-            ("test_accuracy", "test accuracy", "percent"),
-        ],
-        title=f"{config.dataset}: {config.cell} {config.hidden_size}, row by row",
-    )
+    plot_curves(records)
     accuracy = summary["test_accuracy"]
     plot_predictions(
         workdir / "predictions.png",

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import common, models
+from experiments import common, models, preemption
 from experiments.common import option
 
 POINTS = 10  # time steps per segment
@@ -43,10 +43,13 @@ class Config:
                              type=common.positive_int)  # fmt: skip
     seed: int = option(0, "seed of the initial weights", type=common.nonnegative_int)
     workdir: str = option("runs/regression", "directory for metrics, plots and checkpoints")
-    restart: bool = option(False, "delete the work dir's checkpoint and metrics, start over")
+    restart: bool = option(False, "delete the work dir's checkpoints and metrics, start over")
+    keep_checkpoints: int = option(2, "checkpoints kept, the latest ones (an earlier one is the "
+                                   "fallback where the latest is damaged)",
+                                   type=common.positive_int)  # fmt: skip
 
 
-RESUMABLE_CHANGES = ("eval_every", "workdir", "restart")
+RESUMABLE_CHANGES = ("eval_every", "workdir", "restart", "keep_checkpoints")
 
 
 def segments(first: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -131,7 +134,7 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         step, seconds = 0, 0.0
         workdir.metrics.keep_until(-1)
     else:
-        state = checkpoints.restore(state)
+        state, meta = checkpoints.restore(state)
         step, seconds = meta["step"], meta["seconds"]
         workdir.metrics.keep_until(step)
         if step < config.steps:
@@ -147,9 +150,18 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         f"{config.steps} steps of {POINTS} points, lr {config.lr} on {common.device_name()}"
     )
 
+    def plot_curves(records: list[dict]) -> None:
+        common.plot_curves(
+            workdir / "curves.png",
+            records,
+            [(("train_loss", "eval_mse"), "MSE", "log")],
+            title=f"sin -> cos, {cell} {config.hidden_size}",
+        )
+
     bar = common.progress(config.steps, desc=f"{cell} regression", unit="step", initial=step)
     started = time.perf_counter()
     prediction = None
+    chunks = 0  # the counter of the preemption sync
     while step < config.steps:
         end = min(step + config.eval_every, config.steps)
         state, losses = train_chunk(state, xs[step:end], ys[step:end])
@@ -169,6 +181,12 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         checkpoints.save(step, state, meta)
         bar.update(end - bar.n)
         bar.set_postfix(loss=f"{record['train_loss']:.2e}", eval_mse=f"{record['eval_mse']:.2e}")
+        signum = preemption.stop_signal(checkpoints, chunks)
+        chunks += 1
+        if signum is not None and step < config.steps:  # (every chunk ends in a checkpoint)
+            bar.close()
+            plot_curves(workdir.metrics.records())
+            raise preemption.Stopped(step, signum)
     bar.close()
 
     params, _, carried = state
@@ -196,12 +214,7 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         title=f"{cell} {config.hidden_size} after {config.steps} steps: "
         f"eval MSE {last['eval_mse']:.2e} on the {EVAL_SEGMENTS} segments that follow",
     )
-    common.plot_curves(
-        workdir / "curves.png",
-        records,
-        [(("train_loss", "eval_mse"), "MSE", "log")],
-        title=f"sin -> cos, {cell} {config.hidden_size}",
-    )
+    plot_curves(records)
     print(f"eval MSE {last['eval_mse']:.2e} after {config.steps} steps; wrote {workdir.path}")
     return summary
 

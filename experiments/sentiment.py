@@ -90,7 +90,10 @@ class Config:
     seed: int = option(0, "seed of the initial weights, the shuffling and the dropout",
                        type=common.nonnegative_int)  # fmt: skip
     workdir: str = option("runs/sentiment", "directory for metrics, plots and checkpoints")
-    restart: bool = option(False, "delete the work dir's checkpoint and metrics, start over")
+    restart: bool = option(False, "delete the work dir's checkpoints and metrics, start over")
+    keep_checkpoints: int = option(2, "checkpoints kept, the latest ones (an earlier one is the "
+                                   "fallback where the latest is damaged)",
+                                   type=common.positive_int)  # fmt: skip
     devices: int = option(0, "devices to split each batch over, data-parallel (0: all visible)",
                           type=common.nonnegative_int)  # fmt: skip
     distributed: bool = option(False, "join a multi-host run: jax.distributed.initialize() "
@@ -98,7 +101,8 @@ class Config:
 
 
 # Flags that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart", "devices", "distributed")
+RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart", "keep_checkpoints",
+                     "devices", "distributed")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -290,7 +294,7 @@ def compiled(config: Config, total_steps: int, chunk: int, mesh: Mesh):
 
 # Fields that the compiled functions do not depend on.
 UNCOMPILED = {"dataset": "", "data_dir": None, "vocab_size": 0, "max_len": 0, "eval_every": 0,
-              "seed": 0, "workdir": "", "restart": False, "devices": 0,
+              "seed": 0, "workdir": "", "restart": False, "keep_checkpoints": 0, "devices": 0,
               "distributed": False}  # fmt: skip
 
 
@@ -379,6 +383,19 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         loss_sum, correct, _ = evaluate(state[0], *test_data)
         return {"test_loss": float(loss_sum) / n_test, "test_accuracy": int(correct) / n_test}
 
+    def plot_curves(records: list[dict]) -> None:
+        common.plot_curves(
+            workdir / "curves.png",
+            records,
+            [
+                ("train_loss", "train loss", "log"),
+                ("test_loss", "test loss", "log"),
+                ("test_accuracy", "test accuracy", "percent"),
+            ],
+            title=f"{config.dataset}: bidirectional lstm {config.hidden_size}, "
+            f"{config.pool} pooling",
+        )
+
     state, at = common.train_epochs(
         config,
         state,
@@ -390,6 +407,7 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         workdir=workdir,
         checkpoints=checkpoints,
         unit="review",
+        plot=plot_curves,
     )
 
     if not workdir.primary:
@@ -399,16 +417,7 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
     summary |= {"train_accuracy": records[-1]["train_accuracy"],
                 "vocab_size": tokenizer.get_vocab_size()}  # fmt: skip
     common.write_json(workdir / common.SUMMARY, summary)
-    common.plot_curves(
-        workdir / "curves.png",
-        records,
-        [
-            ("train_loss", "train loss", "log"),
-            ("test_loss", "test loss", "log"),
-            ("test_accuracy", "test accuracy", "percent"),
-        ],
-        title=f"{config.dataset}: bidirectional lstm {config.hidden_size}, {config.pool} pooling",
-    )
+    plot_curves(records)
     print(
         f"test accuracy {summary['test_accuracy']:.2%} after {config.epochs} epochs, "
         f"{summary['train_seconds']:.0f} s of training; wrote {workdir.path}"
