@@ -21,7 +21,6 @@ import shlex
 import shutil
 import sys
 import time
-import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -267,73 +266,63 @@ class MetricsLog:
 
 
 class Checkpoints:
-    """The last ``keep`` training states (any pytree of replicated arrays), each with a JSON
-    ``meta`` dict, via orbax.
+    """The last ``keep`` training states (any pytree of arrays), each with a JSON ``meta`` dict,
+    via orbax.
 
     Saving is synchronous, so a run killed after ``save`` returns keeps that checkpoint. Each
-    checkpoint carries SHA-256 digests of its meta and its arrays, so that a damaged file is
-    found even where orbax would read it without complaint; :meth:`meta` and :meth:`restore`
-    then fall back to the checkpoint before (with a one-line warning), and end the run with an
-    :class:`ExperimentError` where none can be read.
+    checkpoint holds the SHA-256 digest of each of its files (``sha256sums.json``, written
+    last), checked before orbax reads any: a damaged checkpoint (or one a kill left without its
+    digests) is deleted with a one-line warning and :meth:`meta` and :meth:`restore` fall back to
+    the one before; where none is left, they end the run with one sentence (an
+    :class:`ExperimentError`).
     """
 
     def __init__(self, directory: Path, *, keep: int = 2):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self._directory = directory.absolute()
         self._manager = ocp.CheckpointManager(
-            directory.absolute(),
+            self._directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, enable_async_checkpointing=False
             ),
         )
-        self._directory = directory
-        self._step: int | None = None  # the step whose meta :meth:`meta` returned
-        self._damaged: list[str] = []  # "step N: reason" of each checkpoint found damaged
+        self._checked: set[int] = set()  # steps whose files match their digests
+        self._damaged: list[str] = []  # "step N: reason" of each damaged checkpoint found
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def meta(self) -> dict | None:
-        """The ``meta`` of the latest checkpoint that has a readable one (cheap: no arrays are
-        read), or None where there is no checkpoint."""
-        for step in sorted(self._manager.all_steps(), reverse=True):
-            try:
-                meta = self._read_meta(step)
-            except Exception as e:
-                self._set_aside(step, e)
-                continue
-            self._step = step
-            return meta
-        return None
+        """The ``meta`` of the latest intact checkpoint (no arrays are read), or None where there
+        is no checkpoint."""
+        args = self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())
+        found = self._latest_intact(lambda step: self._manager.restore(step, args=args).meta)
+        return None if found is None else found[1]
 
     def restore(self, like: Any) -> tuple[Any, dict]:
-        """``(state, meta)`` of the checkpoint :meth:`meta` found, or of an earlier one where its
-        arrays are damaged; ``state`` has the tree structure, shapes and dtypes of ``like``."""
+        """``(state, meta)`` of the latest intact checkpoint; ``state`` has the tree structure,
+        shapes and dtypes of ``like``."""
         abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
-        args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract))
-        for step in sorted(self._manager.all_steps(), reverse=True):
-            if self._step is not None and step > self._step:
-                continue
-            try:
-                meta = self._read_meta(step)
-                state = self._manager.restore(step, args=args).state
-                if meta.pop("state_sha256", None) not in (None, _digest(state)):
-                    raise ValueError("its arrays do not match their SHA-256 digest")
-            except Exception as e:
-                self._set_aside(step, e)
-                continue
-            return state, meta
-        self._fail()
+        args = self._ocp.args.Composite(
+            state=self._ocp.args.StandardRestore(abstract), meta=self._ocp.args.JsonRestore()
+        )
+        found = self._latest_intact(lambda step: self._manager.restore(step, args=args))
+        if found is None:
+            raise ExperimentError(f"{self._directory} holds no checkpoint; add --restart")
+        return found[1].state, found[1].meta
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        meta = meta | {"state_sha256": _digest(state)}
-        meta["meta_sha256"] = _json_digest(meta)
         args = self._ocp.args.Composite(
             state=self._ocp.args.StandardSave(state), meta=self._ocp.args.JsonSave(meta)
         )
         self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            write_json(self._directory / str(step) / SUMS, _digests(self._directory / str(step)))
+        sync_processes(f"checkpoint {step}")
+        self._checked.add(step)
 
     def reached_preemption(self, counter: int) -> bool:
         """Whether every process of a multi-process run reached the step to stop at after a
@@ -343,56 +332,69 @@ class Checkpoints:
     def close(self) -> None:
         self._manager.close()
 
-    def _read_meta(self, step: int) -> dict:
-        args = self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())
-        meta = self._manager.restore(step, args=args).meta
-        if not isinstance(meta, dict):
-            raise ValueError("its meta is not a JSON object")
-        digest = meta.pop("meta_sha256", None)  # (checkpoints of older versions have none)
-        if digest not in (None, _json_digest(meta)):
-            raise ValueError("its meta does not match its SHA-256 digest")
-        return meta
+    def _latest_intact(self, read: Callable[[int], Any]) -> tuple[int, Any] | None:
+        """``(step, read(step))`` of the latest checkpoint whose files match their digests;
+        deletes each later one, saying why. None where there is no checkpoint.
 
-    def _set_aside(self, step: int, error: Exception) -> None:
-        """Deletes a damaged checkpoint (a later save may need its step) after saying why;
-        re-raises ``error`` where it is not what a damaged or missing file raises."""
-        cause = error
-        if type(error) is Exception and error.__cause__ is not None:
-            cause = error.__cause__  # orbax wraps tensorstore's read errors in a bare Exception
-        # json, tensorstore and orbax raise ValueError (UnicodeDecodeError, JSONDecodeError,
-        # DATA_LOSS, OUT_OF_RANGE, NOT_FOUND ...), the file system OSError; anything else is a bug.
-        if not isinstance(cause, (ValueError, OSError)):
-            raise error
-        reason = (str(cause).splitlines() or [type(cause).__name__])[0][:160]
-        print(
-            f"warning: the checkpoint of step {step} in {self._directory} is damaged ({reason}); "
-            "deleted it, falling back to the one before",
-            file=sys.stderr,
-        )
-        self._damaged.append(f"step {step}: {reason}")
-        self._manager.delete(step)
-        self._step = None
+        Only files that match their digests reach orbax, so that a damaged file never meets it
+        (it would raise anything from a JSON error to tensorstore's DATA_LOSS, or read flipped
+        bytes without complaint), and an error it raises is a bug to show.
+        """
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                self._check(step)
+            except ValueError as e:
+                reason = str(e)
+            except OSError as e:
+                raise ExperimentError(
+                    f"cannot read the checkpoint of step {step} in {self._directory} "
+                    f"({e.strerror or type(e).__name__}: {e.filename}); make it readable, or add "
+                    "--restart to start over"
+                ) from None
+            else:
+                return step, read(step)
+            print(
+                f"warning: the checkpoint of step {step} in {self._directory} is damaged "
+                f"({reason}); deleted it, falling back to the one before",
+                file=sys.stderr,
+            )
+            self._damaged.append(f"step {step}: {reason}")
+            self._manager.delete(step)  # a later save may need its step
+        if self._damaged:
+            raise ExperimentError(
+                f"no checkpoint in the work dir {self._directory.parent} can be restored "
+                f"({'; '.join(self._damaged)}); add --restart to start over there, or pass "
+                "another --workdir"
+            )
+        return None
 
-    def _fail(self) -> typing.NoReturn:
-        raise ExperimentError(
-            f"no checkpoint in the work dir {self._directory.parent} can be restored "
-            f"({'; '.join(self._damaged) or 'none left'}); add --restart to start over there, or "
-            "pass another --workdir"
-        )
+    def _check(self, step: int) -> None:
+        """Raises ValueError where a file of checkpoint ``step`` is missing, extra or changed."""
+        if step in self._checked:
+            return
+        directory = self._directory / str(step)
+        try:
+            saved = json.loads((directory / SUMS).read_bytes())
+        except FileNotFoundError:
+            raise ValueError(f"it has no {SUMS}: the run stopped while saving it") from None
+        except ValueError:
+            raise ValueError(f"its {SUMS} is not JSON") from None
+        found = _digests(directory)
+        if saved != found:
+            names = sorted(n for n in saved.keys() | found.keys() if saved.get(n) != found.get(n))
+            raise ValueError(f"{', '.join(names)} do not match {SUMS}")
+        self._checked.add(step)
 
 
-def _digest(state: Any) -> str:
-    """SHA-256 of the arrays of a pytree of replicated (or single-device) arrays."""
-    sha = hashlib.sha256()
-    for leaf in jax.tree.leaves(state):
-        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
-        sha.update(f"{array.dtype}{array.shape}".encode())
-        sha.update(np.ascontiguousarray(array).tobytes())
-    return sha.hexdigest()
+SUMS = "sha256sums.json"  # in each checkpoint: {file name: SHA-256 digest of its bytes}
 
 
-def _json_digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+def _digests(directory: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and not path.name.startswith(SUMS)
+    }
 
 
 def check_same_config(saved: dict, config: Any, *, free: Sequence[str] = ()) -> None:
@@ -756,8 +758,7 @@ def train_epochs(
             if signum is not None and end < last:
                 save(train)
                 bar.close()
-                if workdir.primary:
-                    plot(workdir.metrics.records())
+                _plot_so_far(plot, workdir)
                 raise preemption.Stopped(step, signum)
         epoch += 1
         r = record(train)
@@ -766,10 +767,15 @@ def train_epochs(
         bar.close()
         at = save(train)
         if signum is not None and epoch < config.epochs:  # (a finished run just ends)
-            if workdir.primary:
-                plot(workdir.metrics.records())
+            _plot_so_far(plot, workdir)
             raise preemption.Stopped(step, signum)
     return state, at
+
+
+def _plot_so_far(plot: Callable[[list[dict]], None], workdir: Workdir) -> None:
+    records = workdir.metrics.records() if workdir.primary else []
+    if records:
+        plot(records)
 
 
 def jit_chunk(step: Callable, chunk: int, mesh: Mesh) -> Callable:

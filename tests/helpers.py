@@ -1,6 +1,7 @@
 """Helpers shared by the training programs' tests (test_experiments, test_sentiment)."""
 
 import json
+import os
 
 from experiments import common
 
@@ -29,3 +30,29 @@ def interrupt_after_first_checkpoint(monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(common.Checkpoints, "save", save_then_interrupt)
+
+
+def signal_after_chunks(monkeypatch, chunks, *signums):
+    """Makes the next run send itself ``signums`` (real signals, to its own process) once it has
+    taken ``chunks`` chunks of training steps: when its progress bar moves for the ``chunks``-th
+    time, so that the signal arrives in the middle of the loop, before the loop checks for one."""
+    progress = common.progress
+    moves = 0
+
+    def signalling_progress(*args, **kwargs):
+        bar = progress(*args, **kwargs)
+        update = bar.update
+
+        def update_then_signal(n=1):
+            nonlocal moves
+            update(n)
+            moves += 1
+            if moves == chunks:
+                monkeypatch.setattr(common, "progress", progress)
+                for signum in signums:
+                    os.kill(os.getpid(), signum)
+
+        bar.update = update_then_signal
+        return bar
+
+    monkeypatch.setattr(common, "progress", signalling_progress)
