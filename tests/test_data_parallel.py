@@ -170,13 +170,15 @@ with tfds.testing.mock_data(num_examples=64):
 """
 
 
-@pytest.mark.skipif(
+multiprocess = pytest.mark.skipif(
     not os.environ.get("JLSTM_MULTIPROCESS"),
     reason="two JAX processes take ~30 s; set JLSTM_MULTIPROCESS=1 to run",
 )
-def test_two_processes_of_four_devices_give_the_one_device_curve(runs, tmp_path):
-    # What a 2-host launch does, on this machine: jax.distributed over localhost, 4 CPU devices
-    # each, one shared work dir.
+
+
+def two_processes(flags):
+    """What a 2-host launch does, on this machine: jax.distributed over localhost, 4 CPU devices
+    each, one shared work dir; the two ``Popen``s of ``MULTIPROCESS_CHILD``."""
     import socket
 
     with socket.socket() as s:
@@ -189,10 +191,9 @@ def test_two_processes_of_four_devices_give_the_one_device_curve(runs, tmp_path)
         "JAX_NUM_PROCESSES": "2",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    argv = json.dumps([*FLAGS, "--workdir", str(tmp_path)])
-    children = [
+    return [
         subprocess.Popen(
-            [sys.executable, "-c", MULTIPROCESS_CHILD, argv],
+            [sys.executable, "-c", MULTIPROCESS_CHILD, json.dumps(flags)],
             env=env | {"JAX_PROCESS_ID": str(i)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -200,6 +201,11 @@ def test_two_processes_of_four_devices_give_the_one_device_curve(runs, tmp_path)
         )
         for i in range(2)
     ]
+
+
+@multiprocess
+def test_two_processes_of_four_devices_give_the_one_device_curve(runs, tmp_path):
+    children = two_processes([*FLAGS, "--workdir", str(tmp_path)])
     outputs = [child.communicate(timeout=600) for child in children]
     for child, (_, err) in zip(children, outputs, strict=True):
         assert child.returncode == 0, err[-3000:]
@@ -212,3 +218,26 @@ def test_two_processes_of_four_devices_give_the_one_device_curve(runs, tmp_path)
             [r[key] for r in two], [r[key] for r in one], rtol=1e-5, err_msg=key
         )
     assert json.loads((tmp_path / "summary.json").read_text())["processes"] == 2
+
+
+@multiprocess
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
+    # A preemption notice reaches one host; JAX's preemption service has both stop after the
+    # same chunk of steps and save the checkpoint there together.
+    import signal
+    import time
+
+    flags = ["--hidden-size", "8", "--epochs", "40", "--batch-size", "16", "--eval-every", "3"]
+    children = two_processes([*flags, "--workdir", str(tmp_path)])
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "checkpoints" / "4").exists():  # the end of epoch 1: training runs
+        assert time.monotonic() < deadline and children[0].poll() is None
+        time.sleep(0.2)
+    children[1].send_signal(signal.SIGTERM)
+    outputs = [child.communicate(timeout=300) for child in children]
+    lasts = [err.splitlines()[-1] for _, err in outputs]
+    assert [child.returncode for child in children] == [143, 143], lasts
+    assert lasts[0] == lasts[1] and lasts[0].startswith("stopped by SIGTERM at step ")
+    step = int(lasts[0].split()[5].rstrip(","))
+    assert 4 <= step < 160
+    assert common.Checkpoints(tmp_path / "checkpoints").latest_step() == step
