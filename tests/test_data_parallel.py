@@ -19,7 +19,8 @@ pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("optax")
 pytest.importorskip("orbax.checkpoint")
 
-from experiments import common, mnist  # noqa: E402
+from experiments import cli, mnist  # noqa: E402
+from experiments.workdir import Checkpoints  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 DEVICES = 8
@@ -28,7 +29,7 @@ CHILD = r"""
 import contextlib, io, json, sys
 import jax
 import tensorflow_datasets as tfds
-from experiments import common, mnist, sentiment
+from experiments import cli, input_pipeline, mnist, sentiment
 
 def shards(sharding, shape):
     # How many distinct pieces the devices hold: 1 if replicated, 8 if split 8 ways.
@@ -44,26 +45,26 @@ def logits_fn(config, params, images):
 mnist.logits_fn = logits_fn
 
 around = []  # the epoch arrays handed to the jitted chunks of steps
-original_shard_batches = common.shard_batches
+original_shard_batches = input_pipeline.shard_batches
 def shard_batches(*args):
     arrays = original_shard_batches(*args)
     around.extend((a.shape, shards(a.sharding, a.shape), len(a.sharding.device_set)) for a in arrays)
     return arrays
-common.shard_batches = shard_batches
+input_pipeline.shard_batches = shard_batches
 
 workdir, flags, sentiment_flags = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 results = {"device_count": jax.device_count()}
 with tfds.testing.mock_data(num_examples=64):
     for devices in ("8", "1"):
         argv = [*sentiment_flags, "--devices", devices, "--workdir", f"{workdir}/imdb{devices}"]
-        assert common.main(sentiment.train, sentiment.Config, argv) == 0
+        assert cli.main(sentiment.train, sentiment.Config, argv) == 0
     inside.clear()
     around.clear()
     for devices in ("8", "1", "3"):
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             argv = [*flags, "--devices", devices, "--workdir", f"{workdir}/{devices}"]
-            code = common.main(mnist.train, mnist.Config, argv)
+            code = cli.main(mnist.train, mnist.Config, argv)
         results[devices] = {"code": code, "stderr": stderr.getvalue(), "inside": inside[:],
                             "around": around[:]}
         inside.clear()
@@ -157,16 +158,16 @@ def test_batch_that_does_not_split_is_one_clear_line(runs):
 
 def test_more_devices_than_visible(tmp_path, capsys):
     argv = ["--devices", "64", "--workdir", str(tmp_path)]
-    assert common.main(mnist.train, mnist.Config, argv) == 1
+    assert cli.main(mnist.train, mnist.Config, argv) == 1
     assert "error: --devices 64, but only 1 " in capsys.readouterr().err
 
 
 MULTIPROCESS_CHILD = r"""
 import json, sys
 import tensorflow_datasets as tfds
-from experiments import common, mnist
+from experiments import cli, mnist
 with tfds.testing.mock_data(num_examples=64):
-    sys.exit(common.main(mnist.train, mnist.Config, json.loads(sys.argv[1])))
+    sys.exit(cli.main(mnist.train, mnist.Config, json.loads(sys.argv[1])))
 """
 
 
@@ -240,4 +241,4 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
     assert lasts[0] == lasts[1] and lasts[0].startswith("stopped by SIGTERM at step ")
     step = int(lasts[0].split()[5].rstrip(","))
     assert 4 <= step < 160
-    assert common.Checkpoints(tmp_path / "checkpoints").latest_step() == step
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == step

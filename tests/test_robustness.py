@@ -26,7 +26,8 @@ pytest.importorskip("tokenizers")
 
 from helpers import read_metrics, signal_after_chunks, without_seconds  # noqa: E402
 
-from experiments import common, mnist, regression, sentiment  # noqa: E402
+from experiments import cli, mnist, regression, sentiment  # noqa: E402
+from experiments.workdir import Checkpoints  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "sentiment"
@@ -39,7 +40,7 @@ REGRESSION = ["--steps", "20", "--eval-every", "5", "--hidden-size", "4"]
 
 
 def run(program, workdir, *flags):
-    """``common.main`` of ``program`` ("mnist", "sentiment" on mock data, or "regression")."""
+    """``cli.main`` of ``program`` ("mnist", "sentiment" on mock data, or "regression")."""
     module, base, examples = {
         "mnist": (mnist, MNIST, 64),
         "sentiment": (sentiment, SENTIMENT, 32),
@@ -47,7 +48,7 @@ def run(program, workdir, *flags):
     }[program]
     argv = [*base, "--workdir", str(workdir), *flags]
     with tfds.testing.mock_data(num_examples=examples or 1):
-        return common.main(module.train, module.Config, argv)
+        return cli.main(module.train, module.Config, argv)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_signal_stops_at_the_chunk_and_resumes_exactly(
         "rerun the same command to resume: "
     )
     assert "--workdir" in err[-1]
-    assert common.Checkpoints(tmp_path / "checkpoints").latest_step() == stop
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == stop
     logged = [r["step"] for r in read_metrics(tmp_path)]
     assert logged == [r["step"] for r in expected if r["step"] <= stop]
     assert (tmp_path / "curves.png").exists() == bool(logged)  # the curves so far, if any
@@ -109,11 +110,11 @@ import jax, pytest
 import tensorflow_datasets as tfds
 jax.config.update("jax_enable_x64", True)  # as conftest does, so the numbers compare with the tests'
 from helpers import signal_after_chunks
-from experiments import common, mnist
+from experiments import cli, mnist
 flags, chunks, names = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
 signal_after_chunks(pytest.MonkeyPatch(), chunks, *(signal.Signals[name] for name in names))
 with tfds.testing.mock_data(num_examples=64):
-    sys.exit(common.main(mnist.train, mnist.Config, flags, prog="python -m experiments.mnist"))
+    sys.exit(cli.main(mnist.train, mnist.Config, flags, prog="python -m experiments.mnist"))
 """
 
 
@@ -140,7 +141,7 @@ def test_sigterm_in_a_process_exits_143_and_resumes_exactly(tmp_path, straight, 
         f"resume: python -m experiments.mnist {' '.join(MNIST)} --workdir {tmp_path}"
     )
     assert "Traceback" not in done.stderr
-    assert common.Checkpoints(tmp_path / "checkpoints").latest_step() == 2
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == 2
     assert run("mnist", tmp_path) == 0
     assert without_seconds(read_metrics(tmp_path)) == straight("mnist")
 
@@ -149,7 +150,7 @@ def test_second_signal_stops_at_once(tmp_path):
     done = child(tmp_path, 2, "SIGTERM", "SIGTERM")
     assert done.returncode == -signal.SIGTERM  # killed by the signal, nothing more ran
     assert "stopped by" not in done.stderr
-    assert common.Checkpoints(tmp_path / "checkpoints").latest_step() is None
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() is None
 
 
 def test_sigterm_from_outside_to_the_command(tmp_path, capsys):
@@ -173,9 +174,9 @@ def test_sigterm_from_outside_to_the_command(tmp_path, capsys):
     assert last.startswith("stopped by SIGTERM at step ") and "Traceback" not in err
     step = int(last.split()[5].rstrip(","))
     assert 0 < step < 9  # 12 reviews / 4 = 3 steps per epoch
-    assert common.Checkpoints(tmp_path / "run" / "checkpoints").latest_step() == step
+    assert Checkpoints(tmp_path / "run" / "checkpoints").latest_step() == step
 
-    assert common.main(sentiment.train, sentiment.Config, command[3:]) == 0
+    assert cli.main(sentiment.train, sentiment.Config, command[3:]) == 0
     assert f"(step {step})" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [3, 6, 9]
 
@@ -234,7 +235,7 @@ def test_flipped_bytes_in_the_latest_checkpoint_fall_back(tmp_path, capsys, stra
     )
     assert "resuming" in out and "(step 4)" in out
     assert without_seconds(read_metrics(tmp_path)) == straight("mnist")
-    assert common.Checkpoints(tmp_path / "checkpoints").latest_step() == 8
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == 8
 
 
 @pytest.mark.parametrize("damage", ["data", "meta", "array metadata"])
@@ -277,7 +278,7 @@ def test_any_damaged_file_restores_a_good_checkpoint(tmp_path, capsys):
     # (orbax did not need that file) or the one before, never wrong arrays or an exception.
     state = {"w": jnp.arange(300.0), "b": jnp.ones((2, 3), jnp.int32)}
     pristine = tmp_path / "pristine"
-    checkpoints = common.Checkpoints(pristine)
+    checkpoints = Checkpoints(pristine)
     for step in (1, 2):
         checkpoints.save(step, jax_tree_plus(state, step), {"step": step})
     checkpoints.close()
@@ -289,7 +290,7 @@ def test_any_damaged_file_restores_a_good_checkpoint(tmp_path, capsys):
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(pristine, copy)
             damage(copy / file)
-            checkpoints = common.Checkpoints(copy)
+            checkpoints = Checkpoints(copy)
             restored, meta = checkpoints.restore(state) if checkpoints.meta() else (None, None)
             checkpoints.close()
             err = capsys.readouterr().err
