@@ -93,7 +93,15 @@ RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart", "keep_check
 
 
 def shared(name: str) -> Any:
-    """The config field of the shared flag ``name`` (a key of :data:`SHARED`)."""
+    """The config field of the shared flag ``name`` (a key of :data:`SHARED`).
+
+    >>> import dataclasses
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Config:
+    ...     keep_checkpoints: int = shared("keep_checkpoints")
+    >>> parse_config(Config, ["--keep-checkpoints", "3"])
+    Config(keep_checkpoints=3)
+    """
     return option(**SHARED[name])
 
 

@@ -65,7 +65,14 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Replaces ``path`` by ``text`` atomically: a kill leaves the old file or the new one."""
+    """Replaces ``path`` by ``text`` atomically: a kill leaves the old file or the new one.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "a.txt"
+    >>> write_text(path, "one\\n")
+    >>> path.read_text()
+    'one\\n'
+    """
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w") as f:
         f.write(text)
@@ -98,7 +105,8 @@ class MetricsLog:
                 records.append(json.loads(line))
             except ValueError:
                 if number == len(lines) and not text.endswith("\n"):
-                    print(f"warning: dropped the cut last line of {self.path}", file=sys.stderr)
+                    if self.write:  # (one warning per run, not per process)
+                        print(f"warning: dropped the cut last line of {self.path}", file=sys.stderr)
                     break
                 raise ExperimentError(
                     f"line {number} of {self.path} is not a JSON record; delete that line to "
@@ -214,11 +222,12 @@ class Checkpoints:
                 ) from None
             else:
                 return step, read(step)
-            print(
-                f"warning: the checkpoint of step {step} in {self._directory} is damaged "
-                f"({reason}); deleted it, falling back to the one before",
-                file=sys.stderr,
-            )
+            if jax.process_index() == 0:  # (every process finds the same damage)
+                print(
+                    f"warning: the checkpoint of step {step} in {self._directory} is damaged "
+                    f"({reason}); deleted it, falling back to the one before",
+                    file=sys.stderr,
+                )
             self._damaged.append(f"step {step}: {reason}")
             self._manager.delete(step)  # a later save may need its step
         if self._damaged:
