@@ -52,6 +52,13 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    value = nonnegative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def _number(kind: type, text: str, what: str):
     try:
         return kind(text)

@@ -29,7 +29,6 @@ since the last evaluation (with dropout, weights still changing).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -57,13 +56,6 @@ EVAL_BATCH = 500  # test reviews per forward pass in evaluation (bounds its memo
 TOKENIZER = "tokenizer.json"
 
 
-def dropout_rate(text: str) -> float:
-    rate = cli.nonnegative_float(text)
-    if rate >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return rate
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
     dataset: str = option("imdb_reviews", "tfds text dataset with 'text' and 'label' features "
@@ -81,7 +73,7 @@ class Config:
                        "the review's tokens, 'last' = [h_n forward, h_n reverse]",
                        choices=("max", "mean", "last"))  # fmt: skip
     dropout: float = option(0.5, "dropout on the embeddings, between layers and on the features",
-                            type=dropout_rate)  # fmt: skip
+                            type=cli.fraction)  # fmt: skip
     epochs: int = option(5, "passes over the training set", type=cli.positive_int)
     batch_size: int = option(64, "reviews per training step", type=cli.positive_int)
     lr: float = option(0.001, "peak learning rate of Adam", type=cli.positive_float)
