@@ -55,7 +55,7 @@ def resume(
     checkpoints: Checkpoints, workdir: Workdir, state: Any, meta: dict | None, epochs: int
 ) -> tuple[Any, Position]:
     """``(state, position)``: the fresh ``state`` at the start, or the checkpoint's (``meta``
-    from :func:`saved_meta`), dropping metrics written after it."""
+    from :func:`workdir.saved_meta`), dropping metrics written after it."""
     if meta is None:
         workdir.metrics.keep_until(-1)
         return state, Position()
@@ -183,9 +183,10 @@ def jit_chunk(step: Callable, chunk: int, mesh: Mesh) -> Callable:
 
     ``train_chunk`` takes the ``n <= chunk`` steps ``start .. start + n - 1`` of an epoch:
     ``epoch`` is a tuple of ``(steps, batch, ...)`` arrays with the batch split over the devices
-    (:func:`shard_batches`); step ``i`` of the chunk gets ``batch = tuple(a[start + i] for a in
-    epoch)`` and ``fold_in(key, i)`` (None where ``key`` is None). The scan always has ``chunk``
-    iterations, those past ``n`` do nothing (metrics 0), so one compilation serves every chunk.
+    (:func:`input_pipeline.shard_batches`); step ``i`` of the chunk gets ``batch = tuple(a[start
+    + i] for a in epoch)`` and ``fold_in(key, i)`` (None where ``key`` is None). The scan always
+    has ``chunk`` iterations, those past ``n`` do nothing (metrics 0), so one compilation serves
+    every chunk.
     State and metrics are replicated: each device computes the gradient of its share of the batch
     and XLA sums them across devices, so every device takes the same step. The state is donated.
     """
@@ -214,7 +215,8 @@ def jit_chunk(step: Callable, chunk: int, mesh: Mesh) -> Callable:
 def jit_evaluate(logits_fn: Callable, mesh: Mesh) -> Callable:
     """Jits ``logits_fn(params, x) -> (N, classes)`` into ``evaluate(params, x, labels) ->
     (loss_sum, correct, predictions)`` over a test set of ``(batches, batch, ...)`` arrays with
-    the batch split over ``mesh`` (:func:`eval_batches`); examples labelled -1 count for nothing.
+    the batch split over ``mesh`` (:func:`input_pipeline.eval_batches`); examples labelled -1
+    count for nothing.
     """
     rep, data = replicated(mesh), batch_sharded(mesh)
 

@@ -108,7 +108,7 @@ CHILD = r"""
 import json, signal, sys
 import jax, pytest
 import tensorflow_datasets as tfds
-jax.config.update("jax_enable_x64", True)  # as conftest does, so the numbers compare with the tests'
+jax.config.update("jax_enable_x64", True)  # as conftest does: the numbers compare with the tests'
 from helpers import signal_after_chunks
 from experiments import cli, mnist
 flags, chunks, names = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
