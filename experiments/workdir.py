@@ -141,9 +141,9 @@ class Checkpoints:
     Saving is synchronous, so a run killed after ``save`` returns keeps that checkpoint. Each
     checkpoint holds the SHA-256 digest of each of its files (``sha256sums.json``, written
     last), checked before orbax reads any: a damaged checkpoint (or one a kill left without its
-    digests) is deleted with a one-line warning and :meth:`meta` and :meth:`restore` fall back to
-    the one before; where none is left, they end the run with one sentence (an
-    :class:`ExperimentError`).
+    digests) is moved to ``damaged-<step>`` with a one-line warning and :meth:`meta` and
+    :meth:`restore` fall back to the one before; where none is left, they end the run with one
+    sentence (an :class:`ExperimentError`).
     """
 
     def __init__(self, directory: Path, *, keep: int = 2):
@@ -202,8 +202,8 @@ class Checkpoints:
         self._manager.close()
 
     def _latest_intact(self, read: Callable[[int], Any]) -> tuple[int, Any] | None:
-        """``(step, read(step))`` of the latest checkpoint whose files match their digests;
-        deletes each later one, saying why. None where there is no checkpoint.
+        """``(step, read(step))`` of the latest checkpoint whose files match their digests; sets
+        each later one aside, saying why. None where there is no checkpoint.
 
         Only files that match their digests reach orbax, so that a damaged file never meets it
         (it would raise anything from a JSON error to tensorstore's DATA_LOSS, or read flipped
@@ -222,14 +222,7 @@ class Checkpoints:
                 ) from None
             else:
                 return step, read(step)
-            if jax.process_index() == 0:  # (every process finds the same damage)
-                print(
-                    f"warning: the checkpoint of step {step} in {self._directory} is damaged "
-                    f"({reason}); deleted it, falling back to the one before",
-                    file=sys.stderr,
-                )
-            self._damaged.append(f"step {step}: {reason}")
-            self._manager.delete(step)  # a later save may need its step
+            self._set_aside(step, reason)
         if self._damaged:
             raise ExperimentError(
                 f"no checkpoint in the work dir {self._directory.parent} can be restored "
@@ -237,6 +230,22 @@ class Checkpoints:
                 "another --workdir"
             )
         return None
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        """Moves damaged checkpoint ``step`` to ``damaged-<step>`` (out of orbax's sight, and out
+        of the way of a later save at that step), saying so."""
+        aside = self._directory / f"damaged-{step}"
+        if jax.process_index() == 0:  # (every process finds the same damage)
+            print(
+                f"warning: the checkpoint of step {step} in {self._directory} is damaged "
+                f"({reason}); moved it to {aside.name}, falling back to the one before",
+                file=sys.stderr,
+            )
+            shutil.rmtree(aside, ignore_errors=True)
+            (self._directory / str(step)).rename(aside)
+        sync_processes(f"damaged checkpoint {step}")
+        self._manager.reload()
+        self._damaged.append(f"step {step}: {reason}")
 
     def _check(self, step: int) -> None:
         """Raises ValueError where a file of checkpoint ``step`` is missing, extra or changed."""

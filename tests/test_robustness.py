@@ -233,6 +233,8 @@ def test_flipped_bytes_in_the_latest_checkpoint_fall_back(tmp_path, capsys, stra
     assert warnings[0].startswith(
         f"warning: the checkpoint of step 8 in {tmp_path / 'checkpoints'} is damaged ("
     )
+    assert warnings[0].endswith("; moved it to damaged-8, falling back to the one before")
+    assert (tmp_path / "checkpoints" / "damaged-8" / "sha256sums.json").exists()
     assert "resuming" in out and "(step 4)" in out
     assert without_seconds(read_metrics(tmp_path)) == straight("mnist")
     assert Checkpoints(tmp_path / "checkpoints").latest_step() == 8
