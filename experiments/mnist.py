@@ -21,17 +21,24 @@ it (on any number of devices), ``--restart`` starts over.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
-from experiments import common, models
-from experiments.common import ExperimentError, option
+from experiments import cli, input_pipeline, models, plots, training
+from experiments.cli import option, shared
+from experiments.mesh import check_batch_size, data_mesh, device_name, replicate, start_distributed
+from experiments.workdir import (
+    SUMMARY,
+    Checkpoints,
+    Workdir,
+    run_in_workdir,
+    saved_meta,
+    write_json,
+)
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -43,34 +50,24 @@ SHOWN = 20  # test digits drawn in predictions.png
 class Config:
     dataset: str = option("mnist", "tfds dataset of 28x28 grayscale images in 10 classes: "
                           "mnist, fashion_mnist, kmnist")  # fmt: skip
-    data_dir: str | None = option(None, "where tfds looks for prepared data "
-                                  "(default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")  # fmt: skip
+    data_dir: str | None = shared("data_dir")
     cell: str = option("lstm", "recurrent layer", choices=models.CELLS)
-    hidden_size: int = option(128, "hidden units per layer", type=common.positive_int)
-    num_layers: int = option(1, "stacked recurrent layers", type=common.positive_int)
+    hidden_size: int = option(128, "hidden units per layer", type=cli.positive_int)
+    num_layers: int = option(1, "stacked recurrent layers", type=cli.positive_int)
     bidirectional: bool = option(False, "read the rows both ways and join both final states")
-    epochs: int = option(6, "passes over the training set", type=common.positive_int)
-    batch_size: int = option(64, "images per training step", type=common.positive_int)
-    lr: float = option(0.003, "peak learning rate of Adam", type=common.positive_float)
-    schedule: str = option("cosine", "learning rate schedule: 'cosine' warms up over 5 %% of "
-                           "the steps then decays to 0; 'constant' keeps --lr",
-                           choices=("cosine", "constant"))  # fmt: skip
-    grad_clip: float = option(1.0, "clip gradients to this global norm (0: no clipping)",
-                              type=common.nonnegative_float)  # fmt: skip
-    eval_every: int = option(0, "also evaluate every N steps (0: after each epoch only)",
-                             type=common.nonnegative_int)  # fmt: skip
+    epochs: int = option(6, "passes over the training set", type=cli.positive_int)
+    batch_size: int = option(64, "images per training step", type=cli.positive_int)
+    lr: float = option(0.003, "peak learning rate of Adam", type=cli.positive_float)
+    schedule: str = shared("schedule")
+    grad_clip: float = shared("grad_clip")
+    eval_every: int = shared("eval_every")
     seed: int = option(0, "seed of the initial weights and of the shuffling",
-                       type=common.nonnegative_int)  # fmt: skip
+                       type=cli.nonnegative_int)  # fmt: skip
     workdir: str = option("runs/mnist", "directory for metrics, plots and checkpoints")
-    restart: bool = option(False, "delete the work dir's checkpoint and metrics, start over")
-    devices: int = option(0, "devices to split each batch over, data-parallel (0: all visible)",
-                          type=common.nonnegative_int)  # fmt: skip
-    distributed: bool = option(False, "join a multi-host run: jax.distributed.initialize() "
-                               "(also done when JAX_COORDINATOR_ADDRESS is set)")  # fmt: skip
-
-
-# Flags that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart", "devices", "distributed")
+    restart: bool = shared("restart")
+    keep_checkpoints: int = shared("keep_checkpoints")
+    devices: int = shared("devices")
+    distributed: bool = shared("distributed")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -78,15 +75,14 @@ RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart", "devices", 
 
 def load(name: str, split: str, data_dir: str | None):
     """``(images, labels, label_names)``: uint8 ``(N, 28, 28)``, int32 ``(N,)``, numpy arrays."""
-    source = common.tfds_source(
+    source = input_pipeline.tfds_source(
         name,
         split,
         data_dir,
         check=_check_features,
         alternatives="pass --dataset mnist, fashion_mnist or kmnist",
-        hint=" (in this repository's CI: --data-dir ../shared/tensorflow_datasets)",
     )
-    examples = common.read_all(source)
+    examples = input_pipeline.read_all(source)
     images = np.stack([ex["image"][..., 0] for ex in examples])
     labels = np.array([ex["label"] for ex in examples], dtype=np.int32)
     return images, labels, list(source.dataset_info.features["label"].names)
@@ -127,24 +123,9 @@ def init_params(config: Config) -> dict:
     )
 
 
-@functools.cache
-def compiled(config: Config, total_steps: int, chunk: int, mesh: Mesh):
-    """``(tx, train_chunk, evaluate)`` for the model and optimizer that ``config`` describes,
-    data-parallel over ``mesh`` (see :func:`common.jit_chunk` and :func:`common.jit_evaluate`).
-
-    Cached, so that runs in one process (tests, a notebook) compile each model once; call it with
-    ``dataclasses.replace(config, **UNCOMPILED)`` so that fields the functions ignore do not count.
-    """
-    tx = common.optimizer(
-        config.lr, total_steps, schedule=config.schedule, grad_clip=config.grad_clip
-    )
-    evaluate = common.jit_evaluate(lambda params, x: logits_fn(config, params, x), mesh)
-    return tx, common.jit_chunk(make_step(config, tx), chunk, mesh), evaluate
-
-
-# Fields that the compiled functions do not depend on.
+# Fields that the compiled functions do not depend on (see training.compiled).
 UNCOMPILED = {"dataset": "", "data_dir": None, "eval_every": 0, "seed": 0, "workdir": "",
-              "restart": False, "devices": 0, "distributed": False}  # fmt: skip
+              "restart": False, "keep_checkpoints": 0, "devices": 0, "distributed": False}  # fmt: skip
 
 
 def make_step(config: Config, tx: optax.GradientTransformation):
@@ -168,42 +149,49 @@ def make_step(config: Config, tx: optax.GradientTransformation):
 
 def train(config: Config) -> dict:
     """Trains (or resumes) as ``config`` says, writes the work dir, returns the summary."""
-    common.start_distributed(config.distributed)
-    return common.run_in_workdir(config, _train)
+    start_distributed(config.distributed)
+    return run_in_workdir(config, _train)
 
 
-def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoints) -> dict:
-    meta = common.saved_meta(checkpoints, config, free=RESUMABLE_CHANGES)
-    mesh = common.data_mesh(config.devices)
+def _train(config: Config, workdir: Workdir, checkpoints: Checkpoints) -> dict:
+    meta = saved_meta(checkpoints, config, free=cli.RESUMABLE_CHANGES)
+    mesh = data_mesh(config.devices)
     train_x, train_y, _ = load(config.dataset, "train", config.data_dir)
     test_x, test_y, label_names = load(config.dataset, "test", config.data_dir)
     n_train, n_test = len(train_y), len(test_y)
     if config.batch_size > n_train:
-        raise ExperimentError(
+        raise cli.ExperimentError(
             f"--batch-size {config.batch_size} is larger than the {n_train} training examples"
         )
-    common.check_batch_size(config.batch_size, mesh)
+    check_batch_size(config.batch_size, mesh)
     steps_per_epoch = n_train // config.batch_size
-    test_data = common.eval_batches(mesh, EVAL_BATCH, test_x, test_y)
+    test_data = input_pipeline.eval_batches(mesh, EVAL_BATCH, test_x, test_y)
 
-    chunk = common.chunk_length(steps_per_epoch, config.eval_every)
-    tx, train_chunk, evaluate = compiled(
-        dataclasses.replace(config, **UNCOMPILED), config.epochs * steps_per_epoch, chunk, mesh
+    chunk = training.chunk_length(steps_per_epoch, config.eval_every)
+    tx, train_chunk, evaluate = training.compiled(
+        dataclasses.replace(config, **UNCOMPILED),
+        logits_fn,
+        make_step,
+        config.epochs * steps_per_epoch,
+        chunk,
+        mesh,
     )
     params = init_params(config)
-    state = common.replicate((params, tx.init(params)), mesh)
-    state, at = common.resume(checkpoints, workdir, state, meta, config.epochs)
+    state = replicate((params, tx.init(params)), mesh)
+    state, at = training.resume(checkpoints, workdir, state, meta, config.epochs)
     print(
         f"{config.dataset}: {n_train} train / {n_test} test images; {config.cell} "
-        f"{config.hidden_size}x{config.num_layers}, {common.num_params(params)} parameters; "
-        f"{config.epochs} epochs of {steps_per_epoch} steps on {common.device_name(mesh)}"
+        f"{config.hidden_size}x{config.num_layers}, {training.num_params(params)} parameters; "
+        f"{config.epochs} epochs of {steps_per_epoch} steps on {device_name(mesh)}"
     )
 
     data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
     def epoch_steps(epoch: int):
-        order = common.epoch_batches(data_key, epoch, n_train, steps_per_epoch, config.batch_size)
-        data = tuple(common.shard_batches(mesh, order, train_x, train_y))
+        order = input_pipeline.epoch_batches(
+            data_key, epoch, n_train, steps_per_epoch, config.batch_size
+        )
+        data = tuple(input_pipeline.shard_batches(mesh, order, train_x, train_y))
 
         def run(state, start: int, n: int):
             state, losses = train_chunk(state, start, n, data, None)
@@ -218,7 +206,18 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         loss_sum, correct, predictions = evaluate(state[0], *test_data)
         return {"test_loss": float(loss_sum) / n_test, "test_accuracy": int(correct) / n_test}
 
-    state, at = common.train_epochs(
+    def write_curves(records: list[dict]) -> None:
+        plots.plot_curves(
+            workdir / "curves.png",
+            records,
+            [
+                (("train_loss", "test_loss"), "cross-entropy", "log"),
+                ("test_accuracy", "test accuracy", "percent"),
+            ],
+            title=f"{config.dataset}: {config.cell} {config.hidden_size}, row by row",
+        )
+
+    state, at = training.train_epochs(
         config,
         state,
         at,
@@ -229,6 +228,7 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         workdir=workdir,
         checkpoints=checkpoints,
         unit="ex",
+        plot=write_curves,
     )
     if predictions is None:  # a finished run, rerun: nothing was trained or evaluated
         _, _, predictions = evaluate(state[0], *test_data)
@@ -236,17 +236,9 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         return {}
 
     records = workdir.metrics.records()
-    summary = common.epoch_summary(config, at, records, state[0], mesh)
-    common.write_json(workdir / common.SUMMARY, summary)
-    common.plot_curves(
-        workdir / "curves.png",
-        records,
-        [
-            (("train_loss", "test_loss"), "cross-entropy", "log"),
-            ("test_accuracy", "test accuracy", "percent"),
-        ],
-        title=f"{config.dataset}: {config.cell} {config.hidden_size}, row by row",
-    )
+    summary = training.epoch_summary(config, at, records, state[0], mesh)
+    write_json(workdir / SUMMARY, summary)
+    write_curves(records)
     accuracy = summary["test_accuracy"]
     plot_predictions(
         workdir / "predictions.png",
@@ -266,7 +258,7 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
 
 def plot_predictions(path, images, labels, predictions, names, *, title: str) -> None:
     """The first test images, each titled ``predicted / true`` (red where they differ)."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     cols = 10
     rows = -(-len(labels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.55 * rows + 0.5), squeeze=False)
@@ -286,4 +278,4 @@ def plot_predictions(path, images, labels, predictions, names, *, title: str) ->
 
 
 if __name__ == "__main__":
-    sys.exit(common.main(train, Config, description=__doc__, prog="python -m experiments.mnist"))
+    sys.exit(cli.main(train, Config, description=__doc__, prog="python -m experiments.mnist"))

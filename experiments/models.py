@@ -64,3 +64,19 @@ def head(params: dict, features: jax.Array) -> jax.Array:
     """The linear head, applied over the last axis."""
     y = features @ params["head"]["w"]
     return y + jnp.broadcast_to(params["head"]["b"], y.shape)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout: each entry zeroed with probability ``rate``, the others scaled by
+    ``1 / (1 - rate)``; ``x`` itself where ``key`` is None (evaluation) or ``rate`` is 0.
+
+    >>> import jax, jax.numpy as jnp
+    >>> dropout(jnp.ones(3), 0.5, None).tolist()
+    [1.0, 1.0, 1.0]
+    >>> sorted(set(dropout(jnp.ones(100), 0.5, jax.random.key(0)).tolist()))
+    [0.0, 2.0]
+    """
+    if key is None or rate == 0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)

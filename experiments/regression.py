@@ -25,8 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import common, models
-from experiments.common import option
+from experiments import cli, models, plots, preemption, training
+from experiments.cli import option, shared
+from experiments.mesh import device_name
+from experiments.workdir import (
+    SUMMARY,
+    Checkpoints,
+    Workdir,
+    run_in_workdir,
+    saved_meta,
+    write_json,
+)
 
 POINTS = 10  # time steps per segment
 EVAL_SEGMENTS = 20  # segments after training on which eval_mse is measured
@@ -35,18 +44,16 @@ EVAL_SEGMENTS = 20  # segments after training on which eval_mse is measured
 @dataclasses.dataclass(frozen=True)
 class Config:
     cell: str = option("lstm", "recurrent layer", choices=models.CELLS)
-    steps: int = option(1000, "training segments, one Adam step each", type=common.positive_int)
-    hidden_size: int = option(32, "hidden units", type=common.positive_int)
+    steps: int = option(1000, "training segments, one Adam step each", type=cli.positive_int)
+    hidden_size: int = option(32, "hidden units", type=cli.positive_int)
     lr: float = option(0.01, "peak learning rate of Adam (cosine schedule with warmup)",
-                       type=common.positive_float)  # fmt: skip
+                       type=cli.positive_float)  # fmt: skip
     eval_every: int = option(100, "evaluate, log and checkpoint every N steps",
-                             type=common.positive_int)  # fmt: skip
-    seed: int = option(0, "seed of the initial weights", type=common.nonnegative_int)
+                             type=cli.positive_int)  # fmt: skip
+    seed: int = option(0, "seed of the initial weights", type=cli.nonnegative_int)
     workdir: str = option("runs/regression", "directory for metrics, plots and checkpoints")
-    restart: bool = option(False, "delete the work dir's checkpoint and metrics, start over")
-
-
-RESUMABLE_CHANGES = ("eval_every", "workdir", "restart")
+    restart: bool = shared("restart")
+    keep_checkpoints: int = shared("keep_checkpoints")
 
 
 def segments(first: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,7 +85,7 @@ def zero_state(cell: str, hidden_size: int):
 def compiled(cell: str, lr: float, steps: int):
     """``(tx, train_chunk, evaluate)``; cached, so that runs in one process (tests, a notebook)
     compile each model once."""
-    tx = common.optimizer(lr, steps)
+    tx = training.optimizer(lr, steps)
     return tx, make_train_chunk(cell, tx), make_evaluate(cell)
 
 
@@ -118,11 +125,11 @@ def make_evaluate(cell: str):
 
 def train(config: Config) -> dict:
     """Trains (or resumes) as ``config`` says, writes the work dir, returns the summary."""
-    return common.run_in_workdir(config, _train)
+    return run_in_workdir(config, _train)
 
 
-def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoints) -> dict:
-    meta = common.saved_meta(checkpoints, config, free=RESUMABLE_CHANGES)
+def _train(config: Config, workdir: Workdir, checkpoints: Checkpoints) -> dict:
+    meta = saved_meta(checkpoints, config, free=cli.RESUMABLE_CHANGES)
     cell = config.cell
     tx, train_chunk, evaluate = compiled(cell, config.lr, config.steps)
     params = models.init(jax.random.key(config.seed), cell, 1, config.hidden_size, 1)
@@ -131,7 +138,7 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         step, seconds = 0, 0.0
         workdir.metrics.keep_until(-1)
     else:
-        state = checkpoints.restore(state)
+        state, meta = checkpoints.restore(state)
         step, seconds = meta["step"], meta["seconds"]
         workdir.metrics.keep_until(step)
         if step < config.steps:
@@ -143,13 +150,22 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
             )
     _, xs, ys = segments(0, config.steps + EVAL_SEGMENTS)
     print(
-        f"sin -> cos: {cell} {config.hidden_size}, {common.num_params(params)} parameters, "
-        f"{config.steps} steps of {POINTS} points, lr {config.lr} on {common.device_name()}"
+        f"sin -> cos: {cell} {config.hidden_size}, {training.num_params(params)} parameters, "
+        f"{config.steps} steps of {POINTS} points, lr {config.lr} on {device_name()}"
     )
 
-    bar = common.progress(config.steps, desc=f"{cell} regression", unit="step", initial=step)
+    def write_curves(records: list[dict]) -> None:
+        plots.plot_curves(
+            workdir / "curves.png",
+            records,
+            [(("train_loss", "eval_mse"), "MSE", "log")],
+            title=f"sin -> cos, {cell} {config.hidden_size}",
+        )
+
+    bar = training.progress(config.steps, desc=f"{cell} regression", unit="step", initial=step)
     started = time.perf_counter()
     prediction = None
+    chunks = 0  # the counter of the preemption sync
     while step < config.steps:
         end = min(step + config.eval_every, config.steps)
         state, losses = train_chunk(state, xs[step:end], ys[step:end])
@@ -169,6 +185,12 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         checkpoints.save(step, state, meta)
         bar.update(end - bar.n)
         bar.set_postfix(loss=f"{record['train_loss']:.2e}", eval_mse=f"{record['eval_mse']:.2e}")
+        signum = preemption.stop_signal(checkpoints, chunks)
+        chunks += 1
+        if signum is not None and step < config.steps:  # (every chunk ends in a checkpoint)
+            bar.close()
+            write_curves(workdir.metrics.records())
+            raise preemption.Stopped(step, signum)
     bar.close()
 
     params, _, carried = state
@@ -181,11 +203,11 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         "train_loss": last["train_loss"],
         "steps": config.steps,
         "train_seconds": last["seconds"],
-        "num_params": common.num_params(params),
-        "device": common.device_name(),
+        "num_params": training.num_params(params),
+        "device": device_name(),
         "config": dataclasses.asdict(config),
     }
-    common.write_json(workdir / common.SUMMARY, summary)
+    write_json(workdir / SUMMARY, summary)
     t, x, y = segments(config.steps, EVAL_SEGMENTS)
     plot_prediction(
         workdir / "prediction.png",
@@ -196,19 +218,14 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         title=f"{cell} {config.hidden_size} after {config.steps} steps: "
         f"eval MSE {last['eval_mse']:.2e} on the {EVAL_SEGMENTS} segments that follow",
     )
-    common.plot_curves(
-        workdir / "curves.png",
-        records,
-        [(("train_loss", "eval_mse"), "MSE", "log")],
-        title=f"sin -> cos, {cell} {config.hidden_size}",
-    )
+    write_curves(records)
     print(f"eval MSE {last['eval_mse']:.2e} after {config.steps} steps; wrote {workdir.path}")
     return summary
 
 
 def plot_prediction(path, t, x, y, prediction, *, title: str) -> None:
     """The tutorial's picture: sin input, cos target and the prediction over ``t``."""
-    plt = common.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(11, 3.6))
     ax.plot(t, x, color="tab:gray", linestyle=":", label="input sin(t)")
     ax.plot(t, y, color="tab:red", label="target cos(t)")
@@ -224,6 +241,4 @@ def plot_prediction(path, t, x, y, prediction, *, title: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(
-        common.main(train, Config, description=__doc__, prog="python -m experiments.regression")
-    )
+    sys.exit(cli.main(train, Config, description=__doc__, prog="python -m experiments.regression"))

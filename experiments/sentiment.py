@@ -29,9 +29,7 @@ since the last evaluation (with dropout, weights still changing).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
 import json
 import sys
 from pathlib import Path
@@ -40,22 +38,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
 import jlstm
-from experiments import common, models
-from experiments.common import ExperimentError, option
+from experiments import cli, input_pipeline, models, plots, training
+from experiments.cli import option, shared
+from experiments.mesh import check_batch_size, data_mesh, device_name, replicate, start_distributed
+from experiments.workdir import (
+    SUMMARY,
+    Checkpoints,
+    Workdir,
+    run_in_workdir,
+    saved_meta,
+    write_json,
+)
 
-PAD, UNK = "[PAD]", "[UNK]"  # special tokens; PAD gets id 0, so lengths are ``tokens != 0``
 EVAL_BATCH = 500  # test reviews per forward pass in evaluation (bounds its memory)
 TOKENIZER = "tokenizer.json"
-
-
-def dropout_rate(text: str) -> float:
-    rate = common.nonnegative_float(text)
-    if rate >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,42 +61,32 @@ class Config:
     dataset: str = option("imdb_reviews", "tfds text dataset with 'text' and 'label' features "
                           "(imdb_reviews, yelp_polarity_reviews), or a directory holding "
                           "train.jsonl and test.jsonl")  # fmt: skip
-    data_dir: str | None = option(None, "where tfds looks for prepared data "
-                                  "(default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")  # fmt: skip
+    data_dir: str | None = shared("data_dir")
     vocab_size: int = option(20000, "words in the vocabulary, [PAD] and [UNK] included",
-                             type=common.positive_int)  # fmt: skip
+                             type=cli.positive_int)  # fmt: skip
     max_len: int = option(400, "tokens kept per review (longer ones are cut at the end)",
-                          type=common.positive_int)  # fmt: skip
-    embed_dim: int = option(128, "size of a token's embedding", type=common.positive_int)
-    hidden_size: int = option(128, "hidden units per direction and layer", type=common.positive_int)
-    num_layers: int = option(1, "stacked bidirectional LSTM layers", type=common.positive_int)
+                          type=cli.positive_int)  # fmt: skip
+    embed_dim: int = option(128, "size of a token's embedding", type=cli.positive_int)
+    hidden_size: int = option(128, "hidden units per direction and layer", type=cli.positive_int)
+    num_layers: int = option(1, "stacked bidirectional LSTM layers", type=cli.positive_int)
     pool: str = option("max", "features for the classifier: 'max' or 'mean' of the outputs over "
                        "the review's tokens, 'last' = [h_n forward, h_n reverse]",
                        choices=("max", "mean", "last"))  # fmt: skip
     dropout: float = option(0.5, "dropout on the embeddings, between layers and on the features",
-                            type=dropout_rate)  # fmt: skip
-    epochs: int = option(5, "passes over the training set", type=common.positive_int)
-    batch_size: int = option(64, "reviews per training step", type=common.positive_int)
-    lr: float = option(0.001, "peak learning rate of Adam", type=common.positive_float)
-    schedule: str = option("cosine", "learning rate schedule: 'cosine' warms up over 5 %% of "
-                           "the steps then decays to 0; 'constant' keeps --lr",
-                           choices=("cosine", "constant"))  # fmt: skip
-    grad_clip: float = option(1.0, "clip gradients to this global norm (0: no clipping)",
-                              type=common.nonnegative_float)  # fmt: skip
-    eval_every: int = option(0, "also evaluate every N steps (0: after each epoch only)",
-                             type=common.nonnegative_int)  # fmt: skip
+                            type=cli.fraction)  # fmt: skip
+    epochs: int = option(5, "passes over the training set", type=cli.positive_int)
+    batch_size: int = option(64, "reviews per training step", type=cli.positive_int)
+    lr: float = option(0.001, "peak learning rate of Adam", type=cli.positive_float)
+    schedule: str = shared("schedule")
+    grad_clip: float = shared("grad_clip")
+    eval_every: int = shared("eval_every")
     seed: int = option(0, "seed of the initial weights, the shuffling and the dropout",
-                       type=common.nonnegative_int)  # fmt: skip
+                       type=cli.nonnegative_int)  # fmt: skip
     workdir: str = option("runs/sentiment", "directory for metrics, plots and checkpoints")
-    restart: bool = option(False, "delete the work dir's checkpoint and metrics, start over")
-    devices: int = option(0, "devices to split each batch over, data-parallel (0: all visible)",
-                          type=common.nonnegative_int)  # fmt: skip
-    distributed: bool = option(False, "join a multi-host run: jax.distributed.initialize() "
-                               "(also done when JAX_COORDINATOR_ADDRESS is set)")  # fmt: skip
-
-
-# Flags that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("data_dir", "eval_every", "workdir", "restart", "devices", "distributed")
+    restart: bool = shared("restart")
+    keep_checkpoints: int = shared("keep_checkpoints")
+    devices: int = shared("devices")
+    distributed: bool = shared("distributed")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -108,14 +96,14 @@ def load(dataset: str, split: str, data_dir: str | None) -> tuple[list[str], np.
     """``(texts, labels)`` of a split: a list of str and an int32 ``(N,)`` array."""
     if Path(dataset).is_dir():
         return _load_jsonl(Path(dataset) / f"{split}.jsonl")
-    source = common.tfds_source(
+    source = input_pipeline.tfds_source(
         dataset,
         split,
         data_dir,
         check=_check_features,
         alternatives="pass --dataset imdb_reviews, or a directory holding train.jsonl and test.jsonl",
     )
-    examples = common.read_all(source)
+    examples = input_pipeline.read_all(source)
     texts = [ex["text"] for ex in examples]
     texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
     return texts, np.array([ex["label"] for ex in examples], dtype=np.int32)
@@ -125,7 +113,7 @@ def _load_jsonl(path: Path) -> tuple[list[str], np.ndarray]:
     try:
         lines = [line for line in path.read_text().splitlines() if line.strip()]
     except OSError as e:
-        raise ExperimentError(
+        raise cli.ExperimentError(
             f"cannot read {path} ({e.strerror or type(e).__name__}); --dataset DIR needs "
             'DIR/train.jsonl and DIR/test.jsonl, one {"text": ..., "label": 0 or 1} per line'
         ) from None
@@ -137,13 +125,13 @@ def _load_jsonl(path: Path) -> tuple[list[str], np.ndarray]:
             if not isinstance(text, str) or label not in (0, 1) or isinstance(label, bool):
                 raise ValueError
         except (ValueError, KeyError, TypeError):
-            raise ExperimentError(
+            raise cli.ExperimentError(
                 f'{path}:{number} is not a JSON object {{"text": "...", "label": 0 or 1}}'
             ) from None
         texts.append(text)
         labels.append(label)
     if not texts:
-        raise ExperimentError(f"{path} holds no reviews")
+        raise cli.ExperimentError(f"{path} holds no reviews")
     return texts, np.array(labels, dtype=np.int32)
 
 
@@ -158,51 +146,6 @@ def _check_features(features) -> str | None:
             "two-class 'label' (imdb_reviews, yelp_polarity_reviews)"
         )
     return None
-
-
-# ------------------------------------------------------------------------------------- tokenizer
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A word-level ``tokenizers.Tokenizer`` trained on ``texts``: the ``vocab_size - 2`` most
-    frequent words (ties broken by the word, so the same texts give the same ids), ``[PAD]`` = 0
-    and ``[UNK]`` = 1 for every other word.
-
-    Word level rather than WordPiece or BPE: their trainers in ``tokenizers`` may pick different
-    merges from run to run (hash-map order), and a vocabulary of whole words is the usual one for
-    this model.
-    """
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
-    from tokenizers.models import WordLevel
-
-    tokenizer = Tokenizer(WordLevel(unk_token=UNK))
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.Replace("<br />", " "), normalizers.BertNormalizer(lowercase=True)]
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordLevelTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD, UNK], show_progress=False
-    )
-    tokenizer.train_from_iterator(texts, trainer, length=len(texts))
-    return tokenizer
-
-
-def load_tokenizer(path: Path):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
-
-
-def encode(tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(tokens, lengths)``: int32 ``(N, max_len)`` ids of each review cut to ``max_len`` and
-    right-padded with ``[PAD]`` = 0, and each review's full length in tokens ``(N,)``."""
-    unk = tokenizer.token_to_id(UNK)
-    encodings = tokenizer.encode_batch_fast(texts)  # in parallel, without character offsets
-    tokens = np.zeros((len(texts), max_len), np.int32)
-    for row, encoding in zip(tokens, encodings, strict=True):
-        ids = np.array(encoding.ids[:max_len], np.int32)
-        row[: len(ids)] = np.where(ids == 0, unk, ids)  # a literal "[PAD]" is no padding
-    return tokens, np.array([len(e) for e in encodings], np.int32)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -235,7 +178,7 @@ def encoder(params: dict, tokens: jax.Array, *, dropout: float = 0.0, key: jax.A
     lengths = jnp.sum(tokens != 0, axis=-1)
     x = params["embed"][tokens]
     keys = (None, None) if key is None else jax.random.split(key)
-    x = _dropout(x, dropout, keys[0])
+    x = models.dropout(x, dropout, keys[0])
     output, state = jlstm.lstm(
         params["rnn"], x, batch_first=True, seq_lengths=lengths, dropout=dropout, key=keys[1]
     )
@@ -249,7 +192,7 @@ def logits_fn(
     keys = (None, None) if key is None else jax.random.split(key)
     output, state, lengths = encoder(params, tokens, dropout=config.dropout, key=keys[0])
     features = pool(config.pool, output, state, lengths)
-    return models.head(params, _dropout(features, config.dropout, keys[1]))
+    return models.head(params, models.dropout(features, config.dropout, keys[1]))
 
 
 def pool(kind: str, output: jax.Array, state, lengths: jax.Array) -> jax.Array:
@@ -263,34 +206,12 @@ def pool(kind: str, output: jax.Array, state, lengths: jax.Array) -> jax.Array:
     return jnp.where(lengths[:, None] > 0, pooled, 0.0)  # an empty review has no maximum
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    if key is None or rate == 0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
-
-
 # -------------------------------------------------------------------------------------- training
 
 
-@functools.cache
-def compiled(config: Config, total_steps: int, chunk: int, mesh: Mesh):
-    """``(tx, train_chunk, evaluate)`` for the model and optimizer that ``config`` describes,
-    data-parallel over ``mesh`` (see :func:`common.jit_chunk` and :func:`common.jit_evaluate`).
-
-    Cached, so that runs in one process (tests, a notebook) compile each model once; call it with
-    ``dataclasses.replace(config, **UNCOMPILED)`` so that fields the functions ignore do not count.
-    """
-    tx = common.optimizer(
-        config.lr, total_steps, schedule=config.schedule, grad_clip=config.grad_clip
-    )
-    evaluate = common.jit_evaluate(lambda params, x: logits_fn(config, params, x), mesh)
-    return tx, common.jit_chunk(make_step(config, tx), chunk, mesh), evaluate
-
-
-# Fields that the compiled functions do not depend on.
+# Fields that the compiled functions do not depend on (see training.compiled).
 UNCOMPILED = {"dataset": "", "data_dir": None, "vocab_size": 0, "max_len": 0, "eval_every": 0,
-              "seed": 0, "workdir": "", "restart": False, "devices": 0,
+              "seed": 0, "workdir": "", "restart": False, "keep_checkpoints": 0, "devices": 0,
               "distributed": False}  # fmt: skip
 
 
@@ -314,59 +235,66 @@ def make_step(config: Config, tx: optax.GradientTransformation):
 
 def train(config: Config) -> dict:
     """Trains (or resumes) as ``config`` says, writes the work dir, returns the summary."""
-    common.start_distributed(config.distributed)
-    return common.run_in_workdir(config, _train)
+    start_distributed(config.distributed)
+    return run_in_workdir(config, _train)
 
 
-def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoints) -> dict:
-    meta = common.saved_meta(checkpoints, config, free=RESUMABLE_CHANGES)
-    mesh = common.data_mesh(config.devices)
+def _train(config: Config, workdir: Workdir, checkpoints: Checkpoints) -> dict:
+    meta = saved_meta(checkpoints, config, free=cli.RESUMABLE_CHANGES)
+    mesh = data_mesh(config.devices)
     train_texts, train_y = load(config.dataset, "train", config.data_dir)
     test_texts, test_y = load(config.dataset, "test", config.data_dir)
     n_train, n_test = len(train_y), len(test_y)
     if config.batch_size > n_train:
-        raise ExperimentError(
+        raise cli.ExperimentError(
             f"--batch-size {config.batch_size} is larger than the {n_train} training reviews"
         )
-    common.check_batch_size(config.batch_size, mesh)
+    check_batch_size(config.batch_size, mesh)
     tokenizer_path = workdir / TOKENIZER
     if meta is None:  # a new run learns its vocabulary; a resumed one reads it back
-        tokenizer = train_tokenizer(train_texts, config.vocab_size)
+        tokenizer = input_pipeline.train_tokenizer(train_texts, config.vocab_size)
         if workdir.primary:  # the others learnt the same one
             tokenizer.save(str(tokenizer_path))
     elif tokenizer_path.exists():
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer = input_pipeline.load_tokenizer(tokenizer_path)
     else:
-        raise ExperimentError(
+        raise cli.ExperimentError(
             f"the checkpoint in {workdir.path} has no {TOKENIZER} beside it; add --restart"
         )
-    train_x, lengths = encode(tokenizer, train_texts, config.max_len)
-    test_x, _ = encode(tokenizer, test_texts, config.max_len)
+    train_x, lengths = input_pipeline.encode(tokenizer, train_texts, config.max_len)
+    test_x, _ = input_pipeline.encode(tokenizer, test_texts, config.max_len)
 
     steps_per_epoch = n_train // config.batch_size
-    test_data = common.eval_batches(mesh, min(EVAL_BATCH, n_test), test_x, test_y)
+    test_data = input_pipeline.eval_batches(mesh, min(EVAL_BATCH, n_test), test_x, test_y)
 
-    chunk = common.chunk_length(steps_per_epoch, config.eval_every)
-    tx, train_chunk, evaluate = compiled(
-        dataclasses.replace(config, **UNCOMPILED), config.epochs * steps_per_epoch, chunk, mesh
+    chunk = training.chunk_length(steps_per_epoch, config.eval_every)
+    tx, train_chunk, evaluate = training.compiled(
+        dataclasses.replace(config, **UNCOMPILED),
+        logits_fn,
+        make_step,
+        config.epochs * steps_per_epoch,
+        chunk,
+        mesh,
     )
     params = init_params(config, tokenizer.get_vocab_size())
-    state = common.replicate((params, tx.init(params)), mesh)
-    state, at = common.resume(checkpoints, workdir, state, meta, config.epochs)
+    state = replicate((params, tx.init(params)), mesh)
+    state, at = training.resume(checkpoints, workdir, state, meta, config.epochs)
     print(
         f"{config.dataset}: {n_train} train / {n_test} test reviews; vocabulary of "
         f"{tokenizer.get_vocab_size()} tokens; median review {np.median(lengths):.0f} "
         f"tokens, {np.mean(lengths > config.max_len):.0%} cut to --max-len {config.max_len}; "
         f"bidirectional lstm {config.hidden_size}x{config.num_layers}, {config.pool} pooling, "
-        f"{common.num_params(params)} parameters; {config.epochs} epochs of {steps_per_epoch} "
-        f"steps on {common.device_name(mesh)}"
+        f"{training.num_params(params)} parameters; {config.epochs} epochs of {steps_per_epoch} "
+        f"steps on {device_name(mesh)}"
     )
 
     data_key, dropout_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
 
     def epoch_steps(epoch: int):
-        order = common.epoch_batches(data_key, epoch, n_train, steps_per_epoch, config.batch_size)
-        data = tuple(common.shard_batches(mesh, order, train_x, train_y))
+        order = input_pipeline.epoch_batches(
+            data_key, epoch, n_train, steps_per_epoch, config.batch_size
+        )
+        data = tuple(input_pipeline.shard_batches(mesh, order, train_x, train_y))
 
         def run(state, start: int, n: int):
             key = jax.random.fold_in(dropout_key, epoch * steps_per_epoch + start)
@@ -379,7 +307,20 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         loss_sum, correct, _ = evaluate(state[0], *test_data)
         return {"test_loss": float(loss_sum) / n_test, "test_accuracy": int(correct) / n_test}
 
-    state, at = common.train_epochs(
+    def write_curves(records: list[dict]) -> None:
+        plots.plot_curves(
+            workdir / "curves.png",
+            records,
+            [
+                ("train_loss", "train loss", "log"),
+                ("test_loss", "test loss", "log"),
+                ("test_accuracy", "test accuracy", "percent"),
+            ],
+            title=f"{config.dataset}: bidirectional lstm {config.hidden_size}, "
+            f"{config.pool} pooling",
+        )
+
+    state, at = training.train_epochs(
         config,
         state,
         at,
@@ -390,25 +331,17 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
         workdir=workdir,
         checkpoints=checkpoints,
         unit="review",
+        plot=write_curves,
     )
 
     if not workdir.primary:
         return {}
     records = workdir.metrics.records()
-    summary = common.epoch_summary(config, at, records, state[0], mesh)
+    summary = training.epoch_summary(config, at, records, state[0], mesh)
     summary |= {"train_accuracy": records[-1]["train_accuracy"],
                 "vocab_size": tokenizer.get_vocab_size()}  # fmt: skip
-    common.write_json(workdir / common.SUMMARY, summary)
-    common.plot_curves(
-        workdir / "curves.png",
-        records,
-        [
-            ("train_loss", "train loss", "log"),
-            ("test_loss", "test loss", "log"),
-            ("test_accuracy", "test accuracy", "percent"),
-        ],
-        title=f"{config.dataset}: bidirectional lstm {config.hidden_size}, {config.pool} pooling",
-    )
+    write_json(workdir / SUMMARY, summary)
+    write_curves(records)
     print(
         f"test accuracy {summary['test_accuracy']:.2%} after {config.epochs} epochs, "
         f"{summary['train_seconds']:.0f} s of training; wrote {workdir.path}"
@@ -417,6 +350,4 @@ def _train(config: Config, workdir: common.Workdir, checkpoints: common.Checkpoi
 
 
 if __name__ == "__main__":
-    sys.exit(
-        common.main(train, Config, description=__doc__, prog="python -m experiments.sentiment")
-    )
+    sys.exit(cli.main(train, Config, description=__doc__, prog="python -m experiments.sentiment"))

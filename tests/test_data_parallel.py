@@ -19,7 +19,8 @@ pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("optax")
 pytest.importorskip("orbax.checkpoint")
 
-from experiments import common, mnist  # noqa: E402
+from experiments import cli, mnist  # noqa: E402
+from experiments.workdir import Checkpoints  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 DEVICES = 8
@@ -28,7 +29,7 @@ CHILD = r"""
 import contextlib, io, json, sys
 import jax
 import tensorflow_datasets as tfds
-from experiments import common, mnist, sentiment
+from experiments import cli, input_pipeline, mnist, sentiment
 
 def shards(sharding, shape):
     # How many distinct pieces the devices hold: 1 if replicated, 8 if split 8 ways.
@@ -44,26 +45,26 @@ def logits_fn(config, params, images):
 mnist.logits_fn = logits_fn
 
 around = []  # the epoch arrays handed to the jitted chunks of steps
-original_shard_batches = common.shard_batches
+original_shard_batches = input_pipeline.shard_batches
 def shard_batches(*args):
     arrays = original_shard_batches(*args)
     around.extend((a.shape, shards(a.sharding, a.shape), len(a.sharding.device_set)) for a in arrays)
     return arrays
-common.shard_batches = shard_batches
+input_pipeline.shard_batches = shard_batches
 
 workdir, flags, sentiment_flags = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 results = {"device_count": jax.device_count()}
 with tfds.testing.mock_data(num_examples=64):
     for devices in ("8", "1"):
         argv = [*sentiment_flags, "--devices", devices, "--workdir", f"{workdir}/imdb{devices}"]
-        assert common.main(sentiment.train, sentiment.Config, argv) == 0
+        assert cli.main(sentiment.train, sentiment.Config, argv) == 0
     inside.clear()
     around.clear()
     for devices in ("8", "1", "3"):
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             argv = [*flags, "--devices", devices, "--workdir", f"{workdir}/{devices}"]
-            code = common.main(mnist.train, mnist.Config, argv)
+            code = cli.main(mnist.train, mnist.Config, argv)
         results[devices] = {"code": code, "stderr": stderr.getvalue(), "inside": inside[:],
                             "around": around[:]}
         inside.clear()
@@ -157,26 +158,28 @@ def test_batch_that_does_not_split_is_one_clear_line(runs):
 
 def test_more_devices_than_visible(tmp_path, capsys):
     argv = ["--devices", "64", "--workdir", str(tmp_path)]
-    assert common.main(mnist.train, mnist.Config, argv) == 1
+    assert cli.main(mnist.train, mnist.Config, argv) == 1
     assert "error: --devices 64, but only 1 " in capsys.readouterr().err
 
 
 MULTIPROCESS_CHILD = r"""
 import json, sys
 import tensorflow_datasets as tfds
-from experiments import common, mnist
+from experiments import cli, mnist
 with tfds.testing.mock_data(num_examples=64):
-    sys.exit(common.main(mnist.train, mnist.Config, json.loads(sys.argv[1])))
+    sys.exit(cli.main(mnist.train, mnist.Config, json.loads(sys.argv[1])))
 """
 
 
-@pytest.mark.skipif(
+multiprocess = pytest.mark.skipif(
     not os.environ.get("JLSTM_MULTIPROCESS"),
     reason="two JAX processes take ~30 s; set JLSTM_MULTIPROCESS=1 to run",
 )
-def test_two_processes_of_four_devices_give_the_one_device_curve(runs, tmp_path):
-    # What a 2-host launch does, on this machine: jax.distributed over localhost, 4 CPU devices
-    # each, one shared work dir.
+
+
+def two_processes(flags):
+    """What a 2-host launch does, on this machine: jax.distributed over localhost, 4 CPU devices
+    each, one shared work dir; the two ``Popen``s of ``MULTIPROCESS_CHILD``."""
     import socket
 
     with socket.socket() as s:
@@ -189,10 +192,9 @@ def test_two_processes_of_four_devices_give_the_one_device_curve(runs, tmp_path)
         "JAX_NUM_PROCESSES": "2",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    argv = json.dumps([*FLAGS, "--workdir", str(tmp_path)])
-    children = [
+    return [
         subprocess.Popen(
-            [sys.executable, "-c", MULTIPROCESS_CHILD, argv],
+            [sys.executable, "-c", MULTIPROCESS_CHILD, json.dumps(flags)],
             env=env | {"JAX_PROCESS_ID": str(i)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -200,6 +202,11 @@ def test_two_processes_of_four_devices_give_the_one_device_curve(runs, tmp_path)
         )
         for i in range(2)
     ]
+
+
+@multiprocess
+def test_two_processes_of_four_devices_give_the_one_device_curve(runs, tmp_path):
+    children = two_processes([*FLAGS, "--workdir", str(tmp_path)])
     outputs = [child.communicate(timeout=600) for child in children]
     for child, (_, err) in zip(children, outputs, strict=True):
         assert child.returncode == 0, err[-3000:]
@@ -212,3 +219,26 @@ def test_two_processes_of_four_devices_give_the_one_device_curve(runs, tmp_path)
             [r[key] for r in two], [r[key] for r in one], rtol=1e-5, err_msg=key
         )
     assert json.loads((tmp_path / "summary.json").read_text())["processes"] == 2
+
+
+@multiprocess
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
+    # A preemption notice reaches one host; JAX's preemption service has both stop after the
+    # same chunk of steps and save the checkpoint there together.
+    import signal
+    import time
+
+    flags = ["--hidden-size", "8", "--epochs", "40", "--batch-size", "16", "--eval-every", "3"]
+    children = two_processes([*flags, "--workdir", str(tmp_path)])
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "checkpoints" / "4").exists():  # the end of epoch 1: training runs
+        assert time.monotonic() < deadline and children[0].poll() is None
+        time.sleep(0.2)
+    children[1].send_signal(signal.SIGTERM)
+    outputs = [child.communicate(timeout=300) for child in children]
+    lasts = [err.splitlines()[-1] for _, err in outputs]
+    assert [child.returncode for child in children] == [143, 143], lasts
+    assert lasts[0] == lasts[1] and lasts[0].startswith("stopped by SIGTERM at step ")
+    step = int(lasts[0].split()[5].rstrip(","))
+    assert 4 <= step < 160
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == step

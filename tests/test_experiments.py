@@ -21,7 +21,8 @@ from helpers import (  # noqa: E402
     without_seconds,
 )
 
-from experiments import common, mnist, regression  # noqa: E402
+from experiments import cli, mnist, regression  # noqa: E402
+from experiments.workdir import Checkpoints  # noqa: E402
 
 TINY_MNIST = ["--hidden-size", "8", "--epochs", "2", "--batch-size", "16", "--eval-every", "3"]
 TINY_REGRESSION = ["--steps", "20", "--eval-every", "5", "--hidden-size", "4"]
@@ -29,14 +30,12 @@ TINY_REGRESSION = ["--steps", "20", "--eval-every", "5", "--hidden-size", "4"]
 
 def run_mnist(workdir, *flags, num_examples=64):
     with tfds.testing.mock_data(num_examples=num_examples):
-        return common.main(
-            mnist.train, mnist.Config, [*TINY_MNIST, "--workdir", str(workdir), *flags]
-        )
+        return cli.main(mnist.train, mnist.Config, [*TINY_MNIST, "--workdir", str(workdir), *flags])
 
 
 def run_regression(workdir, *flags):
     argv = [*TINY_REGRESSION, "--workdir", str(workdir), *flags]
-    return common.main(regression.train, regression.Config, argv)
+    return cli.main(regression.train, regression.Config, argv)
 
 
 def test_mnist_writes_every_output(tmp_path):
@@ -56,7 +55,7 @@ def test_mnist_writes_every_output(tmp_path):
     assert summary["config"]["hidden_size"] == 8
     assert_png(tmp_path / "curves.png")
     assert_png(tmp_path / "predictions.png")
-    assert common.Checkpoints(tmp_path / "checkpoints").latest_step() == 8
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == 8
 
 
 def test_mnist_resume_continues_from_checkpoint(tmp_path, monkeypatch, capsys):
@@ -93,7 +92,7 @@ def test_regression_writes_every_output(tmp_path):
     assert summary["steps"] == 20 and summary["config"]["cell"] == "lstm"
     assert_png(tmp_path / "prediction.png")
     assert_png(tmp_path / "curves.png")
-    assert common.Checkpoints(tmp_path / "checkpoints").latest_step() == 20
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == 20
 
 
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
@@ -138,7 +137,7 @@ def test_segments_tile_the_time_axis():
 )
 def test_bad_flag_is_one_clear_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        common.main(mnist.train, mnist.Config, flags)
+        cli.main(mnist.train, mnist.Config, flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -168,7 +167,7 @@ def test_unknown_dataset(tmp_path, capsys):
         "--workdir",
         str(tmp_path),
     ]
-    assert common.main(mnist.train, mnist.Config, argv) == 1
+    assert cli.main(mnist.train, mnist.Config, argv) == 1
     assert "tfds has no dataset named 'no_such_dataset'" in capsys.readouterr().err
 
 
@@ -178,7 +177,7 @@ def test_unknown_dataset(tmp_path, capsys):
 )
 def test_missing_dataset_says_how_to_point_at_prepared_data(tmp_path, capsys):
     argv = ["--data-dir", str(tmp_path / "empty"), "--workdir", str(tmp_path / "run")]
-    assert common.main(mnist.train, mnist.Config, argv) == 1
+    assert cli.main(mnist.train, mnist.Config, argv) == 1
     err = capsys.readouterr().err
     assert f"tfds found no prepared 'mnist' in {tmp_path / 'empty'}" in err
     assert "--data-dir" in err and err.count("\n") == 1
@@ -187,5 +186,5 @@ def test_missing_dataset_says_how_to_point_at_prepared_data(tmp_path, capsys):
 def test_dataset_of_other_shape_is_refused(tmp_path, capsys):
     argv = ["--dataset", "cifar10", "--workdir", str(tmp_path)]
     with tfds.testing.mock_data(num_examples=4):
-        assert common.main(mnist.train, mnist.Config, argv) == 1
+        assert cli.main(mnist.train, mnist.Config, argv) == 1
     assert "has images of shape (32, 32, 3) in 10 classes" in capsys.readouterr().err

@@ -28,7 +28,8 @@ from helpers import (  # noqa: E402
 )
 
 import jlstm  # noqa: E402
-from experiments import common, sentiment  # noqa: E402
+from experiments import cli, input_pipeline, sentiment  # noqa: E402
+from experiments.workdir import Checkpoints  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sentiment"
 TINY = ["--hidden-size", "8", "--embed-dim", "8", "--max-len", "16", "--vocab-size", "64",
@@ -36,9 +37,7 @@ TINY = ["--hidden-size", "8", "--embed-dim", "8", "--max-len", "16", "--vocab-si
 
 
 def run(workdir, *flags):
-    return common.main(
-        sentiment.train, sentiment.Config, [*TINY, "--workdir", str(workdir), *flags]
-    )
+    return cli.main(sentiment.train, sentiment.Config, [*TINY, "--workdir", str(workdir), *flags])
 
 
 def run_mock(workdir, *flags, num_examples=32):
@@ -65,10 +64,10 @@ def test_mock_imdb_writes_every_output(tmp_path):
     assert summary["config"]["dataset"] == "imdb_reviews"
     assert summary["config"]["pool"] == "max"
     assert 2 < summary["vocab_size"] <= 64
-    tokenizer = sentiment.load_tokenizer(tmp_path / "tokenizer.json")
+    tokenizer = input_pipeline.load_tokenizer(tmp_path / "tokenizer.json")
     assert tokenizer.get_vocab_size() == summary["vocab_size"]
     assert_png(tmp_path / "curves.png")
-    assert common.Checkpoints(tmp_path / "checkpoints").latest_step() == 8
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == 8
 
 
 def test_mock_imdb_resume_continues_from_checkpoint(tmp_path, monkeypatch, capsys):
@@ -175,13 +174,13 @@ def test_dropout_needs_a_key():
 def test_tokenizer_is_deterministic_and_encode_cuts_and_pads():
     texts, labels = sentiment.load(str(FIXTURE), "train", None)
     assert len(texts) == 12 and labels.tolist() == [1, 0] * 6
-    tokenizer = sentiment.train_tokenizer(texts, 1000)
-    assert sentiment.train_tokenizer(texts, 1000).get_vocab() == tokenizer.get_vocab()
+    tokenizer = input_pipeline.train_tokenizer(texts, 1000)
+    assert input_pipeline.train_tokenizer(texts, 1000).get_vocab() == tokenizer.get_vocab()
     assert tokenizer.token_to_id("[PAD]") == 0 and tokenizer.token_to_id("[UNK]") == 1
-    assert len(sentiment.train_tokenizer(texts, 20).get_vocab()) == 20
+    assert len(input_pipeline.train_tokenizer(texts, 20).get_vocab()) == 20
 
     reviews = ["A wonderful film.<br /><br />Loved it!", "", "[PAD] zyzzyva " * 10]
-    tokens, lengths = sentiment.encode(tokenizer, reviews, 8)
+    tokens, lengths = input_pipeline.encode(tokenizer, reviews, 8)
     assert tokens.dtype == np.int32 and tokens.shape == (3, 8)
     assert lengths.tolist() == [7, 0, 20]  # full lengths; "<br />" is dropped
     wonderful, loved = tokenizer.token_to_id("wonderful"), tokenizer.token_to_id("loved")
@@ -199,7 +198,7 @@ def test_tokenizer_is_deterministic_and_encode_cuts_and_pads():
 )
 def test_missing_imdb_says_how_to_point_at_prepared_data(tmp_path, capsys):
     argv = ["--data-dir", str(tmp_path / "empty"), "--workdir", str(tmp_path / "run")]
-    assert common.main(sentiment.train, sentiment.Config, argv) == 1
+    assert cli.main(sentiment.train, sentiment.Config, argv) == 1
     err = capsys.readouterr().err
     assert f"tfds found no prepared 'imdb_reviews' in {tmp_path / 'empty'}" in err
     assert "--data-dir" in err and err.count("\n") == 1
@@ -219,7 +218,7 @@ def test_missing_imdb_says_how_to_point_at_prepared_data(tmp_path, capsys):
 def test_bad_jsonl_is_one_clear_line(tmp_path, capsys, line, message):
     (tmp_path / "train.jsonl").write_text(line + "\n")
     argv = ["--dataset", str(tmp_path), "--workdir", str(tmp_path / "run")]
-    assert common.main(sentiment.train, sentiment.Config, argv) == 1
+    assert cli.main(sentiment.train, sentiment.Config, argv) == 1
     err = capsys.readouterr().err
     assert f"{tmp_path / 'train.jsonl'}{message}" in err and err.count("\n") == 1
 
@@ -227,18 +226,18 @@ def test_bad_jsonl_is_one_clear_line(tmp_path, capsys, line, message):
 def test_dataset_without_test_split(tmp_path, capsys):
     shutil.copy(FIXTURE / "train.jsonl", tmp_path / "train.jsonl")
     argv = ["--dataset", str(tmp_path), "--workdir", str(tmp_path / "run")]
-    assert common.main(sentiment.train, sentiment.Config, argv) == 1
+    assert cli.main(sentiment.train, sentiment.Config, argv) == 1
     assert f"cannot read {tmp_path / 'test.jsonl'}" in capsys.readouterr().err
 
 
 def test_dataset_of_other_features_is_refused(tmp_path, capsys):
     argv = ["--dataset", "mnist", "--workdir", str(tmp_path)]
     with tfds.testing.mock_data(num_examples=4):
-        assert common.main(sentiment.train, sentiment.Config, argv) == 1
+        assert cli.main(sentiment.train, sentiment.Config, argv) == 1
     assert "--dataset mnist has features ['image', 'label']" in capsys.readouterr().err
 
 
 def test_dropout_of_one_is_refused(capsys):
     with pytest.raises(SystemExit):
-        common.main(sentiment.train, sentiment.Config, ["--dropout", "1"])
+        cli.main(sentiment.train, sentiment.Config, ["--dropout", "1"])
     assert "argument --dropout: must be in [0, 1), got 1" in capsys.readouterr().err
