@@ -222,14 +222,15 @@ def _walk(root) -> dict[str, _Tensor]:
         if isinstance(node, _Tensor):
             tensors[path] = node
         elif type(node) in (dict, collections.OrderedDict, list, tuple):
+            where = repr(path) if path else "the state_dict"
             if node and id(node) in seen:
-                raise _Refused(f"{path or 'the state_dict'} is reached twice (a cyclic pickle)")
+                raise _Refused(f"{where} is reached twice (a cyclic pickle)")
             seen.add(id(node))
             items = node.items() if isinstance(node, dict) else enumerate(node)
             children = []
             for key, value in items:
                 if not isinstance(key, str | int) or isinstance(key, bool):
-                    raise _Refused(f"{path or 'the state_dict'} has a {type(key).__name__} key")
+                    raise _Refused(f"{where} has a {type(key).__name__} key")
                 children.append((f"{path}.{key}" if path else str(key), value))
             stack.extend(reversed(children))
         elif not isinstance(node, int | float | str | bytes | type(None)):
@@ -310,7 +311,7 @@ def _array(archive: _Archive, name: str, tensor: _Tensor, byteorder: str) -> np.
     view = np.lib.stride_tricks.as_strided(
         storage[offset:], shape, [s * itemsize for s in stride], writeable=False
     )
-    return np.array(view)  # a copy: C-contiguous, writable, independent of the file's bytes
+    return np.array(view, order="C")  # a copy: C-contiguous, writable, not the file's bytes
 
 
 def _read_zip(file, size: int) -> dict[str, np.ndarray]:

@@ -110,7 +110,7 @@ def jlstm_outputs(path, tokens) -> dict[str, jax.Array]:
         h = fn(jlstm.load_torch(path, prefix=f"{name}."), x[0])
         out[f"output.{name}"] = h[0] if name == "lstm_cell" else h
     linear = state_dict["linear.weight"], state_dict["linear.bias"]
-    out["output.logits"] = out["output.lstm"] @ linear[0].T + linear[1]
+    out["output.logits"] = out["output.lstm"] @ linear[0].T + linear[1][None, None]
     return out
 
 
@@ -249,13 +249,6 @@ def test_pt_layout_is_torchs(tmp_path, monkeypatch, zip64):
     assert_bitwise(jlstm.load_torch_state_dict(path), state_dict, ordered=True)
 
 
-def rewrite(source: Path, path: Path, change) -> None:
-    """Copies a zip archive member by member, replacing each member's data by change(name, data)."""
-    with zipfile.ZipFile(source) as old, zipfile.ZipFile(path, "w") as new:
-        for info in old.infolist():
-            new.writestr(info.filename, change(info.filename.split("/", 1)[1], old.read(info)))
-
-
 def test_big_endian_archive_is_byteswapped(tmp_path):
     """A byteorder record of 'big' (torch.save on a big-endian machine) gives the same values."""
     state_dict = expected("float64")
@@ -269,5 +262,612 @@ def test_big_endian_archive_is_byteswapped(tmp_path):
             return np.frombuffer(data, f"u{itemsizes[int(name[5:])]}").byteswap().tobytes()
         return data
 
-    rewrite(tmp_path / "little.pt", tmp_path / "big.pt", to_big_endian)
+    (tmp_path / "big.pt").write_bytes(copied(tmp_path / "little.pt", to_big_endian))
     assert_bitwise(jlstm.load_torch_state_dict(tmp_path / "big.pt"), state_dict, ordered=True)
+
+
+# --- torch on the other side (where it is installed) ----------------------------------------------
+
+
+def golden_script():
+    from golden import make_torch_files
+
+    return make_torch_files
+
+
+TOKENS = [[1, 6], [0, 3], [5, 5], [2, 4]]  # (seq_len, batch), as in the golden files
+
+
+def torch_arrays(torch, state_dict) -> dict[str, np.ndarray]:
+    """torch tensors as numpy, bfloat16 included, bit for bit."""
+    as_numpy = functools.partial(golden_script().as_numpy, torch)
+    arrays = {k: as_numpy(v) for k, v in state_dict.items()}
+    bf16 = {k for k, v in state_dict.items() if v.dtype == torch.bfloat16}
+    return {k: v.view(jnp.bfloat16) if k in bf16 else v for k, v in arrays.items()}
+
+
+def assert_same_outputs(torch, model, path, dtype) -> None:
+    if dtype not in TOLERANCE:  # torch's CPU half-precision kernels round differently
+        return
+    with torch.no_grad():
+        want = golden_script().outputs(torch, model, torch.tensor(TOKENS))
+    got = jlstm_outputs(path, np.array(TOKENS))
+    for name in got:
+        np.testing.assert_allclose(got[name], want[name], err_msg=name, **TOLERANCE[dtype])
+
+
+def torch_load(torch, path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        import safetensors.torch
+
+        return safetensors.torch.load_file(path)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_loads_what_jlstm_writes(torch, tmp_path, suffix, dtype):
+    """jlstm's files load strictly into the torch modules, bit for bit, and compute the same."""
+    params = init_all(jnp.dtype(dtype))
+    state_dict = expected(dtype)  # embedding, linear and buffers; the recurrent modules from jlstm
+    for module, p in params.items():
+        state_dict |= {f"{module}.{k}": v for k, v in p.items()}
+    path = tmp_path / f"model{suffix}"
+    jlstm.save_torch_state_dict(path, state_dict)
+    model = golden_script().make_model(torch, getattr(torch, dtype))
+    model.load_state_dict(torch_load(torch, path), strict=True)
+    assert_bitwise(torch_arrays(torch, model.state_dict()), state_dict, ordered=False)
+    assert_same_outputs(torch, model, path, dtype)
+    for module, p in params.items():  # a single module's params, without a prefix
+        jlstm.save_torch(path, p)
+        getattr(model, module).load_state_dict(torch_load(torch, path), strict=True)
+        assert_bitwise(torch_arrays(torch, getattr(model, module).state_dict()), p, ordered=True)
+
+
+@pytest.mark.parametrize("how", ["state_dict", "keep_vars", "protocol_4", "safetensors"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_jlstm_reads_what_torch_writes(torch, tmp_path, how, dtype):
+    """torch.save'd state dicts (of tensors, of Parameters, in pickle protocol 4) and safetensors
+    read bit for bit, and jlstm computes what torch computes from them."""
+    torch.manual_seed(1)
+    model = golden_script().make_model(torch, getattr(torch, dtype))
+    state_dict = model.state_dict(keep_vars=how == "keep_vars")
+    path = tmp_path / ("model.safetensors" if how == "safetensors" else "model.pt")
+    if how == "safetensors":
+        import safetensors.torch
+
+        copies = {k: v.detach().clone().contiguous() for k, v in state_dict.items()}
+        safetensors.torch.save_file(copies, path)
+    else:
+        torch.save(state_dict, path, pickle_protocol=4 if how == "protocol_4" else 2)
+    got = jlstm.load_torch_state_dict(path)
+    assert_bitwise(got, torch_arrays(torch, state_dict), ordered=how != "safetensors")
+    assert_same_outputs(torch, model, path, dtype)
+
+
+def test_nested_training_checkpoint(torch, tmp_path):
+    """{"model": ..., "optimizer": ..., "epoch": ...}: tensors under dotted names, the rest left out."""
+    model = golden_script().make_model(torch, torch.float32)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.tensor(TOKENS)).sum().backward()
+    optimizer.step()
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3}
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    got = jlstm.load_torch_state_dict(tmp_path / "checkpoint.pt")
+    want = {f"model.{k}": v for k, v in torch_arrays(torch, checkpoint["model"]).items()}
+    for i, state in checkpoint["optimizer"]["state"].items():
+        want |= {f"optimizer.state.{i}.{k}": v for k, v in torch_arrays(torch, state).items()}
+    assert_bitwise(got, want, ordered=False)
+    params = jlstm.load_torch(tmp_path / "checkpoint.pt", prefix="model.lstm.")
+    assert_bitwise(params, torch_arrays(torch, model.lstm.state_dict()), ordered=True)
+
+
+# --- hostile and damaged files ----------------------------------------------------------------------
+
+
+class Global(tuple):
+    """`module.name`, written as a GLOBAL opcode by `dumps`."""
+
+
+class Call(tuple):
+    """(callable, args), written as REDUCE."""
+
+
+class PersistentId(tuple):
+    """A persistent id, written as BINPERSID."""
+
+
+def opcodes(value) -> bytes:
+    """A minimal protocol-2 pickler that writes any globals without importing them."""
+    if isinstance(value, Global):
+        return b"c" + f"{value[0]}\n{value[1]}\n".encode()
+    if isinstance(value, Call):
+        return opcodes(value[0]) + opcodes(tuple(value[1])) + b"R"
+    if isinstance(value, PersistentId):
+        return opcodes(tuple(value)) + b"Q"
+    if isinstance(value, bool):
+        return b"\x88" if value else b"\x89"
+    if isinstance(value, int):
+        data = value.to_bytes(value.bit_length() // 8 + 1, "little", signed=True)
+        return b"\x8a" + bytes([len(data)]) + data
+    if isinstance(value, str):
+        return b"X" + struct.pack("<I", len(value.encode())) + value.encode()
+    if isinstance(value, tuple):
+        return b"(" + b"".join(map(opcodes, value)) + b"t"
+    if isinstance(value, dict):
+        return b"}(" + b"".join(opcodes(k) + opcodes(v) for k, v in value.items()) + b"u"
+    assert value is None
+    return b"N"
+
+
+def dumps(value) -> bytes:
+    return b"\x80\x02" + opcodes(value) + b"."
+
+
+def tensor(offset=0, size=(4,), stride=(1,), *, key="0", storage="FloatStorage", numel=4, **kw):
+    """torch._utils._rebuild_tensor_v2 on storage `key`, every field settable."""
+    pid = PersistentId(("storage", Global(("torch", storage)), key, "cpu", numel))
+    hooks = Call((Global(("collections", "OrderedDict")), ()))
+    args = (pid, offset, size, stride, False, hooks)
+    if "metadata" in kw:
+        args += (kw["metadata"],)
+    return Call((Global(("torch._utils", "_rebuild_tensor_v2")), args))
+
+
+def write_archive(path: Path, pkl: bytes, records: dict[str, bytes] | None = None) -> Path:
+    """A torch-layout zip: data.pkl, version, and `records` (default: storage 0, four float32)."""
+    if records is None:
+        records = {"data/0": np.arange(4, dtype=np.float32).tobytes()}
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pkl)
+        for name, data in {"version": b"3\n", **records}.items():
+            archive.writestr(f"archive/{name}", data)
+    return path
+
+
+def test_handwritten_archive_reads_strided_views(tmp_path):
+    """The control for the hostile cases below, which change one thing of this valid file."""
+    pkl = dumps(
+        {
+            "w": tensor(0, (2, 2), (1, 2)),
+            "tail": tensor(3, (1,), (1,)),
+            "empty": tensor(4, (0, 3), (3, 1)),
+        }
+    )
+    got = jlstm.load_torch_state_dict(write_archive(tmp_path / "ok.pt", pkl))
+    np.testing.assert_array_equal(got["w"], np.array([[0, 2], [1, 3]], np.float32))
+    np.testing.assert_array_equal(got["tail"], np.array([3], np.float32))
+    assert got["empty"].shape == (0, 3) and got["w"].flags.c_contiguous and got["w"].flags.writeable
+
+
+class Reduce:
+    """Pickles as a call of fn(*args): how real malicious pickles are made."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def payloads(marker: Path) -> dict[str, tuple[bytes, str]]:
+    """Pickles that create `marker` when unpickled, and the global (as the file names it) that
+    each must be refused for. Protocol 3 keeps Python 3's module names (2 writes __builtin__)."""
+    import builtins
+    import os
+
+    touch = f"open({str(marker)!r}, 'w').close()"
+    system = Reduce(os.system, f"touch {marker}")
+    return {
+        "os.system": (pickle.dumps(system, 2), f"{os.name}.system"),
+        "builtins.exec": (pickle.dumps(Reduce(builtins.exec, touch), 3), "builtins.exec"),
+        "builtins.eval": (pickle.dumps(Reduce(builtins.eval, touch), 3), "builtins.eval"),
+        "subprocess.call": (
+            pickle.dumps(Reduce(subprocess.call, ["touch", str(marker)]), 3),
+            "subprocess.call",
+        ),
+        "protocol 4 STACK_GLOBAL": (pickle.dumps({"w": system}, 4), f"{os.name}.system"),
+        "python 2 name": (pickle.dumps(Reduce(builtins.exec, touch), 2), "__builtin__.exec"),
+        "inside a tensor": (
+            dumps({"w": tensor(Call((Global(("os", "system")), (f"touch {marker}",))))}),
+            "os.system",
+        ),
+    }
+
+
+# Plain pickle, with torch's globals and storages as dummies: what the payloads above would do.
+UNGUARDED = """
+import io, pickle, sys
+class Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        return (lambda *args: None) if module.startswith("torch") else super().find_class(module, name)
+    def persistent_load(self, pid):
+        return None
+Unpickler(io.BytesIO(sys.stdin.buffer.read())).load()
+"""
+
+
+@pytest.mark.parametrize("name", list(payloads(Path("m"))))
+def test_code_in_the_pickle_is_refused_and_never_runs(tmp_path, name):
+    marker = tmp_path / "marker"
+    pkl, qualified = payloads(marker)[name]
+    path = write_archive(tmp_path / "evil.pt", pkl)
+    refused = f"'{path}': data.pkl references the global '{qualified}', which is refused"
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        jlstm.load_torch_state_dict(path)
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        jlstm.load_torch(path, prefix="lstm.")
+    assert not marker.exists()
+    # The control: unguarded unpickling runs the payload, so the assertion above can fail.
+    subprocess.run([sys.executable, "-c", UNGUARDED], input=pkl, check=False, timeout=60)
+    assert marker.exists()
+
+
+def test_pickled_module_is_refused():
+    with pytest.raises(
+        ValueError,
+        match=r"module\.pt': data.pkl references the global 'torch\.nn\.modules\.rnn\.GRU'.*torch\.save\(model\.state_dict\(\), path\)",
+    ):
+        jlstm.load_torch_state_dict(GOLDEN / "module.pt")
+
+
+def test_legacy_format_is_refused_with_the_fix():
+    with pytest.raises(
+        ValueError,
+        match=r"legacy\.pt': it is in torch's legacy format.*re-save it with torch >= 1\.6",
+    ):
+        jlstm.load_torch_state_dict(GOLDEN / "legacy.pt")
+
+
+def test_bare_pickle_is_not_unpickled(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(payloads(marker)["os.system"][0])
+    with pytest.raises(ValueError, match="neither a torch.save zip archive nor safetensors"):
+        jlstm.load_torch_state_dict(path)
+    assert not marker.exists()
+
+
+def replace_record(name: str, value):
+    return lambda member, data: value if member == name else data
+
+
+BAD_ARCHIVES = {
+    # name: (data.pkl, records (None: storage 0 of four float32), expected message)
+    "storage type": (
+        dumps({"w": tensor(storage="ComplexFloatStorage")}),
+        None,
+        "global 'torch.ComplexFloatStorage'",
+    ),
+    "persistent id": (
+        dumps(
+            {
+                "w": Call(
+                    (
+                        Global(("torch._utils", "_rebuild_tensor")),
+                        (PersistentId(("module", "x")), 0, (1,), (1,)),
+                    )
+                )
+            }
+        ),
+        None,
+        "persistent id ('module', 'x')",
+    ),
+    "storage key": (dumps({"w": tensor(key="../0")}), None, "persistent id"),
+    "missing storage": (dumps({"w": tensor(key="1")}), None, "storage '1' is not in the archive"),
+    "storage size": (
+        dumps({"w": tensor(numel=5, size=(5,))}),
+        None,
+        "storage '0' holds 16 bytes but data.pkl declares 5 float32 elements",
+    ),
+    "offset outside": (
+        dumps({"w": tensor(offset=3, size=(2,))}),
+        None,
+        "tensor 'w' (offset 3, size (2,), stride (1,)) points outside its storage of 4 elements",
+    ),
+    "stride outside": (
+        dumps({"w": tensor(size=(2, 2), stride=(3, 1))}),
+        None,
+        "points outside its storage",
+    ),
+    "empty view outside": (
+        dumps({"w": tensor(offset=5, size=(0,))}),
+        None,
+        "points outside its storage",
+    ),
+    "negative stride": (
+        dumps({"w": tensor(size=(2,), stride=(-1,))}),
+        None,
+        "stride holds -1, not a non-negative int",
+    ),
+    "size not a tuple": (dumps({"w": tensor(size=4)}), None, "size is int, not a tuple"),
+    "stride length": (
+        dumps({"w": tensor(size=(2, 2), stride=(1,))}),
+        None,
+        "size (2, 2) but stride (1,)",
+    ),
+    "metadata": (dumps({"w": tensor(metadata={"conj": True})}), None, "metadata {'conj': True}"),
+    "stride-0 bomb": (
+        dumps({"w": tensor(size=(10**12,), stride=(0,))}),
+        None,
+        "expand to more than 4 times the 16 bytes stored",
+    ),
+    "memo bomb": (
+        b"\x80\x02Nr\xff\xff\xff\x7f.",
+        None,
+        "memo entry 2147483647 but has only 4 opcodes",
+    ),
+    "not a dict": (dumps((tensor(),)), None, "data.pkl holds a tuple, not a state_dict"),
+    "cycle": (b"\x80\x02}q\x00X\x01\x00\x00\x00ah\x00s.", None, "'a' is reached twice"),
+    "uncalled global": (
+        dumps({"w": Global(("collections", "OrderedDict"))}),
+        None,
+        "'w' is a _Global, not a tensor",
+    ),
+    "storage called": (
+        dumps({"w": Call((Global(("torch", "FloatStorage")), ()))}),
+        None,
+        "TypeError",
+    ),
+    "ordered dict args": (
+        dumps({"w": Call((Global(("collections", "OrderedDict")), ((),)))}),
+        None,
+        "OrderedDict is called with arguments",
+    ),
+    "byteorder": (
+        dumps({"w": tensor()}),
+        {"data/0": bytes(16), "byteorder": b"middle"},
+        "byteorder record is 'middle'",
+    ),
+    "version": (
+        dumps({"w": tensor()}),
+        {"data/0": bytes(16), "version": b"three"},
+        "version record is b'three'",
+    ),
+    "bool bytes": (
+        dumps({"w": tensor(storage="BoolStorage", numel=2, size=(2,))}),
+        {"data/0": b"\x01\x07"},
+        "bool storage '0' holds bytes other than 0 and 1",
+    ),
+    "two dtypes": (
+        dumps({"w": tensor(), "v": tensor(storage="IntStorage")}),
+        None,
+        "storage '0' is used as both float32 and int32",
+    ),
+    "truncated pickle": (dumps({"w": tensor()})[:-9], None, "corrupt or truncated"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ARCHIVES))
+def test_bad_archive_is_one_value_error(tmp_path, name):
+    pkl, records, message = BAD_ARCHIVES[name]
+    path = write_archive(tmp_path / "bad.pt", pkl, records)
+    with pytest.raises(
+        ValueError, match=re.escape(f"jlstm cannot load '{path}': ") + ".*" + re.escape(message)
+    ):
+        jlstm.load_torch_state_dict(path)
+
+
+def test_pickle_size_is_limited(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch_files, "_MAX_PICKLE_BYTES", 100)
+    path = write_archive(tmp_path / "big.pt", dumps({f"w{i}": tensor() for i in range(10)}))
+    with pytest.raises(ValueError, match=r"data.pkl has \d+ bytes, more than 100"):
+        jlstm.load_torch_state_dict(path)
+
+
+def copied(source: Path, change=lambda name, data: data, compression=zipfile.ZIP_STORED) -> bytes:
+    """`source` rebuilt member by member (with fresh CRCs); change(name, data) gives each member's
+    new data, or None to drop it."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(buffer, "w", compression) as new:
+        for info in old.infolist():
+            data = change(info.filename.split("/", 1)[1], old.read(info))
+            if data is not None:
+                new.writestr(info.filename, data)
+    return buffer.getvalue()
+
+
+def flip_first_tensor_byte(source: Path) -> bytes:
+    data = bytearray(source.read_bytes())
+    data[local_headers(source)["model_float32/data/0"][0]] ^= 1
+    return bytes(data)
+
+
+DAMAGED = {
+    # name: (the damaged file made from the golden model_float32.pt, the message)
+    "flipped tensor byte": (flip_first_tensor_byte, "Bad CRC-32 for file 'model_float32/data/0'"),
+    "no data.pkl": (
+        lambda source: copied(source, lambda name, data: None if name == "data.pkl" else data),
+        "has no model_float32/data.pkl: not a torch checkpoint",
+    ),
+    "compressed": (
+        lambda source: copied(source, compression=zipfile.ZIP_DEFLATED),
+        "member 'model_float32/data.pkl' is compressed; torch.save stores members as is",
+    ),
+    "storage cut short": (
+        lambda source: copied(source, lambda name, data: data[:-4] if name == "data/0" else data),
+        "storage '0' holds",
+    ),
+    "empty file": (lambda source: b"", "neither a torch.save zip archive nor safetensors"),
+    "text file": (
+        lambda source: b"weight_ih_l0 = 1.0\n" * 4,
+        "neither a torch.save zip archive nor safetensors",
+    ),
+    "truncated zip": (
+        lambda source: source.read_bytes()[:9000],
+        "corrupt or truncated (BadZipFile",
+    ),
+    "bad safetensors header": (
+        lambda source: b"\x40\x00\x00\x00\x00\x00\x00\x00{" + b" " * 70,
+        "corrupt or truncated (SafetensorError",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGED))
+def test_damaged_file_is_one_value_error(tmp_path, name):
+    damage, message = DAMAGED[name]
+    path = tmp_path / "model.pt"
+    path.write_bytes(damage(GOLDEN / "model_float32.pt"))
+    prefix = re.escape(f"jlstm cannot load '{path}': ")
+    with pytest.raises(ValueError, match=prefix + ".*" + re.escape(message)):
+        jlstm.load_torch_state_dict(path)
+
+
+def test_missing_file_is_an_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        jlstm.load_torch(tmp_path / "nothing.pt")
+
+
+def test_load_torch_needs_the_right_prefix():
+    with pytest.raises(ValueError, match=r"'linear_weight_t' is not a parameter name .* prefix="):
+        jlstm.load_torch(GOLDEN / "model_float32.pt")
+    with pytest.raises(ValueError, match="no keys start with prefix 'encoder.lstm.'"):
+        jlstm.load_torch(GOLDEN / "model_float32.safetensors", prefix="encoder.lstm.")
+
+
+def test_save_errors(tmp_path):
+    params = jlstm.init_gru(jax.random.key(0), 2, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"cannot tell the format of '.*model.npz' from its suffix '.npz'; use .safetensors, or .pt/.pth/.bin",
+    ):
+        jlstm.save_torch(tmp_path / "model.npz", params)
+    with pytest.raises(
+        ValueError, match="'z' has dtype complex64; a PyTorch file holds float32, float64"
+    ):
+        jlstm.save_torch_state_dict(tmp_path / "model.pt", {"z": np.zeros(2, np.complex64)})
+    with pytest.raises(TypeError, match="expected a mapping of names to arrays, got list"):
+        jlstm.save_torch_state_dict(tmp_path / "model.pt", [np.zeros(2)])
+    with pytest.raises(TypeError, match="names must be str, got 0"):
+        jlstm.save_torch_state_dict(tmp_path / "model.pt", {0: np.zeros(2)})
+    with pytest.raises(
+        ValueError, match=r"\['embedding.weight'\] are not torch RNN parameter names"
+    ):
+        jlstm.save_torch(tmp_path / "model.pt", {"embedding.weight": np.zeros(2)})
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+# --- fuzz: every damaged file is a ValueError or reads exactly -------------------------------------
+
+
+def decode_safetensors(data: bytes) -> dict[str, np.ndarray]:
+    """A reference reader: the tensors a safetensors file's header says it holds."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header.pop("__metadata__", None)
+    body = data[8 + n :]
+    dtypes = {
+        "F32": np.float32,
+        "I64": np.int64,
+        "I32": np.int32,
+        "I16": np.int16,
+        "I8": np.int8,
+        "U8": np.uint8,
+        "BOOL": np.bool_,
+    }
+    return {
+        k: np.frombuffer(
+            body[v["data_offsets"][0] : v["data_offsets"][1]], dtypes[v["dtype"]]
+        ).reshape(v["shape"])
+        for k, v in header.items()
+    }
+
+
+def same(got: dict, want: dict) -> bool:
+    return list(got) == list(want) and all(
+        got[k].dtype == want[k].dtype
+        and got[k].shape == want[k].shape
+        and got[k].tobytes() == want[k].tobytes()
+        for k in want
+    )
+
+
+def fuzz(directory: str) -> dict[str, int]:
+    """Random byte flips and truncations of a golden .pt and .safetensors file (fixed seed). Each
+    must raise a ValueError naming the file or read exactly what the damaged bytes hold: the
+    original tensors, or for safetensors (which has no checksums) a changed tensor byte. A case
+    over 10 s raises TimeoutError, which fails the run."""
+    import signal
+
+    def timeout(*_):
+        raise TimeoutError("a fuzz case took over 10 s")
+
+    signal.signal(signal.SIGALRM, timeout)
+    rng = np.random.default_rng(13)
+    outcomes: dict[str, int] = {}
+    for source, flips, cuts in [
+        ("model_float32.pt", 180, 60),
+        ("model_float32.safetensors", 120, 40),
+    ]:
+        data = (GOLDEN / source).read_bytes()
+        want = jlstm.load_torch_state_dict(GOLDEN / source)
+        path = Path(directory) / source
+        cases = []
+        for _ in range(flips):
+            at, bits = int(rng.integers(len(data))), int(rng.integers(1, 256))
+            cases.append(
+                (f"byte {at} ^ {bits}", data[:at] + bytes([data[at] ^ bits]) + data[at + 1 :])
+            )
+        cases += [(f"cut at {n}", data[:n]) for n in rng.integers(len(data), size=cuts).tolist()]
+        for case, damaged in cases:
+            path.write_bytes(damaged)
+            signal.alarm(10)
+            try:
+                got = jlstm.load_torch_state_dict(path)
+                outcome = "unchanged" if same(got, want) else None
+                if (
+                    outcome is None
+                    and source.endswith(".safetensors")
+                    and same(got, decode_safetensors(damaged))
+                ):
+                    outcome = "tensor bytes changed"
+                assert outcome, f"{source}, {case}: read as different tensors"
+            except ValueError as e:
+                assert f"'{path}'" in str(e), (case, e)
+                outcome = "ValueError"
+            finally:
+                signal.alarm(0)
+            key = f"{source}: {outcome}"
+            outcomes[key] = outcomes.get(key, 0) + 1
+    return outcomes
+
+
+def test_fuzzed_files_are_value_errors_or_exact(tmp_path):
+    output = run_without_torch(
+        f"import json, test_torch_files as t; print(json.dumps(t.fuzz({str(tmp_path)!r})))",
+        timeout=300,
+    )
+    outcomes = json.loads(output)
+    assert sum(outcomes.values()) == 400, outcomes
+    assert outcomes["model_float32.pt: ValueError"] > 150, outcomes
+    assert outcomes["model_float32.safetensors: ValueError"] > 40, outcomes
+    assert "model_float32.pt: tensor bytes changed" not in outcomes  # CRC-32 catches every flip
+
+
+# --- Flax ---------------------------------------------------------------------------------------------
+
+
+def test_flax_modules_take_load_torch():
+    nnx = pytest.importorskip("flax.nnx")
+    from jlstm import linen, nn
+
+    path = GOLDEN / "model_float32.pt"
+    params = jlstm.load_torch(path, prefix="lstm.")
+    x = jax.random.normal(jax.random.key(1), (4, 2, 3))
+    want = jlstm.lstm(params, x)
+    module = nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, rngs=nnx.Rngs(0))
+    module.load_state_dict(params)
+    assert_bitwise(module.state_dict(), params, ordered=True)
+    for got, value in zip(jax.tree.leaves(module(x)), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(got, value)
+    model = linen.LSTM(4, num_layers=2, bidirectional=True, proj_size=2)
+    for got, value in zip(
+        jax.tree.leaves(model.apply({"params": params}, x)), jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_array_equal(got, value)
+    with pytest.raises(
+        TypeError,
+        match=r"LSTM.load_state_dict: expected a mapping of parameter names to arrays, got PosixPath; read a file with jlstm.load_torch\(path, prefix=...\)",
+    ):
+        module.load_state_dict(path)
