@@ -60,8 +60,9 @@ _STORAGE_DTYPES = {
 _STORAGE_NAMES = {dtype: name for name, dtype in _STORAGE_DTYPES.items()}
 _SUPPORTED = ", ".join(str(dtype) for dtype in _STORAGE_NAMES)
 
-# A state_dict's pickle takes about 100 bytes per tensor; a larger one is not a state_dict.
-_MAX_PICKLE_BYTES = 64 << 20
+# A state_dict's pickle takes a few hundred bytes per tensor, so this is tens of thousands of
+# tensors; the limit bounds the time of the memo check, which parses the pickle in Python.
+_MAX_PICKLE_BYTES = 8 << 20
 # Views may overlap (tied weights), but the arrays they expand to may not exceed this multiple of
 # the stored bytes (plus a small allowance): a stride-0 view of one element could ask for petabytes.
 _MAX_EXPANSION = 4
@@ -70,7 +71,7 @@ _EXPANSION_ALLOWANCE = 1 << 20
 # itself switches above ZIP64_LIMIT / 1.05 bytes (~2 GiB); this threshold is below that.
 _ZIP64_ABOVE = 1 << 30
 _ALIGNMENT = 64  # torch aligns every record's data to 64 bytes (its .storage_alignment)
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch < 1.6: a pickled magic number
+_LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch < 1.6 first pickles this number
 
 
 class _Refused(Exception):
@@ -348,7 +349,7 @@ def _read(path) -> dict[str, np.ndarray]:
         try:
             if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
                 return _read_zip(file, size)
-            if head.startswith(_LEGACY_MAGIC):
+            if head.startswith(b"\x80") and head[2:].startswith(_LEGACY_MAGIC):  # after PROTO n
                 raise _Refused(
                     "it is in torch's legacy format (torch.save before 1.6, or with "
                     "_use_new_zipfile_serialization=False), which jlstm does not read; re-save it "
@@ -512,7 +513,7 @@ def save_torch_state_dict(path: str | os.PathLike, state_dict: Mapping) -> None:
     for name, value in state_dict.items():
         if not isinstance(name, str):
             raise TypeError(f"save_torch_state_dict: names must be str, got {name!r}")
-        array = np.ascontiguousarray(_to_numpy(value))
+        array = np.asarray(_to_numpy(value), order="C")  # (ascontiguousarray makes 0-d 1-d)
         if array.dtype not in _STORAGE_NAMES:
             raise ValueError(
                 f"save_torch_state_dict: {name!r} has dtype {array.dtype}; a PyTorch file holds "

@@ -213,6 +213,31 @@ def test_save_then_load_is_bitwise(tmp_path, suffix, dtype):
     )
 
 
+EDGES = {
+    "scalar": np.array(2.5),
+    "empty": np.zeros((0, 3), np.float32),
+    "transposed": np.arange(6, dtype=np.float16).reshape(3, 2).T,  # written contiguous
+    "mask": np.array([True, False]),
+    "long": np.arange(70_000, dtype=np.int8),
+    "bf16": jnp.full((2, 2), 1.5, jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_edge_shapes_round_trip(tmp_path, suffix):
+    jlstm.save_torch_state_dict(tmp_path / f"edges{suffix}", EDGES)
+    got = jlstm.load_torch_state_dict(tmp_path / f"edges{suffix}")
+    assert_bitwise(got, EDGES, ordered=suffix == ".pt")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_torch_reads_edge_shapes(torch, tmp_path, suffix):
+    jlstm.save_torch_state_dict(tmp_path / f"edges{suffix}", EDGES)
+    assert_bitwise(
+        torch_arrays(torch, torch_load(torch, tmp_path / f"edges{suffix}")), EDGES, ordered=False
+    )
+
+
 def local_headers(path: Path) -> dict[str, tuple[int, bytes]]:
     """Each member's data offset and local extra field (zipfile reports the central ones)."""
     data = path.read_bytes()
