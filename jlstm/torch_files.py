@@ -6,9 +6,12 @@ Two formats, told apart by their first bytes (not by suffix):
   ``<archive>/data.pkl`` (a pickle of the state_dict), ``<archive>/data/<key>`` (the raw bytes of
   each storage), ``<archive>/byteorder`` and ``<archive>/version``. Every tensor in the pickle is a
   call ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`` on a storage named by
-  a persistent id ``("storage", torch.FloatStorage, key, location, numel)``.
+  a persistent id ``("storage", torch.FloatStorage, key, location, numel)``. Storages recorded as
+  big-endian (``byteorder`` ``big``) are byteswapped; torch < 1.6's legacy format (pickles and raw
+  storages back to back, no zip) is refused with the way to re-save it.
 * **safetensors**: a JSON header and raw little-endian tensors, read and written by the
-  ``safetensors`` package's numpy API.
+  ``safetensors`` package's numpy API. It holds no code, and no checksums either: damaged tensor
+  bytes read as different numbers.
 
 Safety. ``pickle.load`` runs whatever callables a file names, so the pickle is read by a restricted
 unpickler that allows only the globals torch's own ``torch.load(weights_only=True)`` needs for a

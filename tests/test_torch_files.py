@@ -102,10 +102,8 @@ def jlstm_outputs(path, tokens) -> dict[str, jax.Array]:
     out = {}
     for name, fn in RECURRENT.items():
         output, h_n = fn(jlstm.load_torch(path, prefix=f"{name}."), x)
-        out[f"output.{name}"], out[f"output.{name}.h_n"] = (
-            output,
-            (h_n[0] if name == "lstm" else h_n),
-        )
+        out[f"output.{name}"] = output
+        out[f"output.{name}.h_n"] = h_n[0] if name == "lstm" else h_n  # the LSTM's h, not c
     for name, fn in CELLS.items():
         h = fn(jlstm.load_torch(path, prefix=f"{name}."), x[0])
         out[f"output.{name}"] = h[0] if name == "lstm_cell" else h
