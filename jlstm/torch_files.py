@@ -211,34 +211,42 @@ def _check_memo(pkl: bytes) -> None:
         raise _Refused(f"data.pkl stores memo entry {largest} but has only {count} opcodes")
 
 
-def _walk(root) -> dict[str, _Tensor]:
+def _walk(root, max_chars: int) -> dict[str, _Tensor]:
     """The tensors of a (possibly nested) state_dict, keyed by dotted path as torch names them.
 
     Nested dicts, lists and tuples are descended (a checkpoint ``{"model": sd, "epoch": 3}`` gives
-    ``model.<name>``); plain values (numbers, strings, None) are left out. Iterative and visiting each
-    container once, so a cyclic or exponentially shared pickle can neither recurse nor loop.
+    ``model.<name>``); plain values (numbers, strings, None) are left out. Iterative, visiting each
+    container once and building at most ``max_chars`` characters of names, so that neither a cyclic
+    or deeply nested pickle nor one that shares a long key many times can recurse, loop or swell.
     """
     if not isinstance(root, dict):
         raise _Refused(f"data.pkl holds a {type(root).__name__}, not a state_dict (a dict)")
-    tensors, seen, stack = {}, set(), [("", root)]
+    containers = (dict, collections.OrderedDict, list, tuple)
+    tensors, seen, stack, chars = {}, set(), [("", root)], 0
     while stack:
         path, node = stack.pop()
         if isinstance(node, _Tensor):
+            if path in tensors:
+                raise _Refused(f"two tensors are named {path!r}")
             tensors[path] = node
-        elif type(node) in (dict, collections.OrderedDict, list, tuple):
-            where = repr(path) if path else "the state_dict"
-            if node and id(node) in seen:
-                raise _Refused(f"{where} is reached twice (a cyclic pickle)")
-            seen.add(id(node))
-            items = node.items() if isinstance(node, dict) else enumerate(node)
-            children = []
-            for key, value in items:
-                if not isinstance(key, str | int) or isinstance(key, bool):
-                    raise _Refused(f"{where} has a {type(key).__name__} key")
-                children.append((f"{path}.{key}" if path else str(key), value))
-            stack.extend(reversed(children))
-        elif not isinstance(node, int | float | str | bytes | type(None)):
-            raise _Refused(f"{path!r} is a {type(node).__name__}, not a tensor")
+            continue
+        where = repr(path) if path else "the state_dict"
+        if node and id(node) in seen:
+            raise _Refused(f"{where} is reached twice (a cyclic pickle)")
+        seen.add(id(node))
+        children = []
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if not isinstance(key, str | int) or isinstance(key, bool):
+                raise _Refused(f"{where} has a {type(key).__name__} key")
+            if type(value) in containers or isinstance(value, _Tensor):
+                name = f"{path}.{key}" if path else str(key)
+                chars += len(name)
+                if chars > max_chars:
+                    raise _Refused(f"the state_dict's names add up to over {max_chars} characters")
+                children.append((name, value))
+            elif not isinstance(value, int | float | str | bytes | type(None)):
+                raise _Refused(f"{where}[{key!r}] is a {type(value).__name__}, not a tensor")
+        stack.extend(reversed(children))
     return tensors
 
 
@@ -330,7 +338,8 @@ def _read_zip(file, size: int) -> dict[str, np.ndarray]:
     if pkl is None:
         raise _Refused(f"the zip archive has no {archive.prefix}data.pkl: not a torch checkpoint")
     _check_memo(pkl)
-    tensors = _walk(_Unpickler(io.BytesIO(pkl)).load())
+    # Names take a small multiple of the pickle's bytes (it holds each key once, prefixes aside).
+    tensors = _walk(_Unpickler(io.BytesIO(pkl)).load(), max_chars=16 * len(pkl) + (1 << 20))
     budget = _MAX_EXPANSION * archive.stored_bytes + _EXPANSION_ALLOWANCE
     arrays = {}
     for name, tensor in tensors.items():

@@ -625,7 +625,17 @@ BAD_ARCHIVES = {
     "uncalled global": (
         dumps({"w": Global(("collections", "OrderedDict"))}),
         None,
-        "'w' is a _Global, not a tensor",
+        "the state_dict['w'] is a _Global, not a tensor",
+    ),
+    "same name twice": (
+        dumps({"a.b": tensor(), "a": {"b": tensor()}}),
+        None,
+        "two tensors are named 'a.b'",
+    ),
+    "deep nesting": (  # {"a": [[[...]]]}, 20000 lists deep: names of 2, 4, 6, ... characters
+        b"\x80\x02}X\x01\x00\x00\x00a" + b"]" * 20_000 + b"a" * 19_999 + b"s.",
+        None,
+        "the state_dict's names add up to over 1688736 characters",
     ),
     "storage called": (
         dumps({"w": Call((Global(("torch", "FloatStorage")), ()))}),
