@@ -435,7 +435,7 @@ def load_torch(path: str | os.PathLike, *, prefix: str = "", dtype=None) -> dict
     return from_torch(_read(path), prefix=prefix, dtype=dtype)
 
 
-def _zip_record(file, archive: zipfile.ZipFile, name: str, data: bytes) -> None:
+def _zip_record(file, archive: zipfile.ZipFile, name: str, data: bytes | np.ndarray) -> None:
     """Writes one stored member whose data starts on a 64-byte boundary, padded as torch pads: an
     extra field with id ``FB``."""
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # reproducible files
@@ -484,17 +484,15 @@ def _pickle_state_dict(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def _write_zip(path, arrays: dict[str, np.ndarray]) -> None:
+    """torch.save's records, in its order; each array's bytes are written from the array itself."""
     with open(path, "wb") as file, zipfile.ZipFile(file, "w") as archive:
-        records = [
-            ("data.pkl", _pickle_state_dict(arrays)),
-            (".format_version", b"1"),
-            (".storage_alignment", str(_ALIGNMENT).encode()),
-            ("byteorder", sys.byteorder.encode()),
-        ]
-        records += [(f"data/{key}", a.tobytes()) for key, a in enumerate(arrays.values())]
-        records.append(("version", b"3\n"))
-        for name, data in records:
-            _zip_record(file, archive, f"archive/{name}", data)
+        _zip_record(file, archive, "archive/data.pkl", _pickle_state_dict(arrays))
+        _zip_record(file, archive, "archive/.format_version", b"1")
+        _zip_record(file, archive, "archive/.storage_alignment", str(_ALIGNMENT).encode())
+        _zip_record(file, archive, "archive/byteorder", sys.byteorder.encode())
+        for key, array in enumerate(arrays.values()):
+            _zip_record(file, archive, f"archive/data/{key}", array.reshape(-1).view(np.uint8))
+        _zip_record(file, archive, "archive/version", b"3\n")
 
 
 def save_torch_state_dict(path: str | os.PathLike, state_dict: Mapping) -> None:
