@@ -13,6 +13,10 @@ from jlstm.params import init_lstm as init_lstm
 from jlstm.params import init_lstm_cell as init_lstm_cell
 from jlstm.params import init_rnn as init_rnn
 from jlstm.params import init_rnn_cell as init_rnn_cell
+from jlstm.torch_files import load_torch as load_torch
+from jlstm.torch_files import load_torch_state_dict as load_torch_state_dict
+from jlstm.torch_files import save_torch as save_torch
+from jlstm.torch_files import save_torch_state_dict as save_torch_state_dict
 from jlstm.torch_io import from_torch as from_torch
 from jlstm.torch_io import to_torch as to_torch
 

@@ -55,9 +55,16 @@ class _TorchParams(nnx.Module):
         """Replaces the parameters with ``state_dict`` (e.g. ``jlstm.from_torch(m.state_dict())``).
 
         Like torch's strict loading: the names must match exactly and every shape must agree;
-        values are cast to the module's parameter dtype.
+        values are cast to the module's parameter dtype. A checkpoint file is read by
+        ``jlstm.load_torch``, as torch reads it by ``torch.load``:
+        ``lstm.load_state_dict(jlstm.load_torch("model.pt", prefix="lstm."))``.
         """
         cls = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"{cls}.load_state_dict: expected a mapping of parameter names to arrays, got "
+                f"{type(state_dict).__name__}; read a file with jlstm.load_torch(path, prefix=...)"
+            )
         missing = [n for n in self._param_names if n not in state_dict]
         unexpected = [n for n in state_dict if n not in self._param_names]
         if missing or unexpected:
