@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jlstm import cells, cudnn, native, pallas, recurrence
+from jlstm import cells, cudnn, fused, loops, native, pallas
 from jlstm import params as P
 
 
@@ -150,29 +150,6 @@ def _check_impl(
         )
 
 
-def _varying_axes(a) -> frozenset:
-    """The ``shard_map`` mesh axes over which ``a`` varies (empty outside ``shard_map``)."""
-    aval = jax.typeof(a)
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-
-def _vary_like(tree, *others):
-    """``tree`` cast to vary over every ``shard_map`` axis any leaf of ``tree`` or ``others`` varies
-    over. A scan's carry must keep its type, and a ``custom_vjp``'s cotangents must match its
-    inputs; with a batch-sharded ``x`` and replicated weights or zero states, neither holds unless
-    everything is made varying first. The cast's transpose is a ``psum``, so gradients w.r.t.
-    replicated weights come out summed over the shards, as autodiff gives them. No-op outside
-    ``shard_map``."""
-    axes = frozenset().union(*map(_varying_axes, jax.tree.leaves((tree, others))))
-
-    def cast(a):
-        missing = tuple(sorted(axes - _varying_axes(a)))
-        return lax.pcast(a, missing, to="varying") if missing else a
-
-    return jax.tree.map(cast, tree) if axes else tree
-
-
 def _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist=None, impl="fused"):
     """LSTM (without projection) or GRU with a hand-written backward that forms the weight
     gradients in one matmul after the loop: on :mod:`jlstm.native` (the C++ loop, on CPU) when
@@ -192,12 +169,12 @@ def _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist=None, impl="fus
     else:
         # On XLA CPU the input projection runs faster inside the step (see jlstm.recurrence).
         hoist = jax.default_backend() != "cpu" if hoist is None else hoist
-        loop, speed = recurrence, (unroll, hoist)
+        loop, speed = fused, (unroll, hoist)
     if kind == "lstm":
-        w_ih, w_hh, bias, x, carry = _vary_like((w_ih, w_hh, bias, x, carry))
+        w_ih, w_hh, bias, x, carry = loops.vary_like((w_ih, w_hh, bias, x, carry))
         ys, h, c = loop.lstm_recurrence(w_ih, w_hh, bias, x, *carry, valid, reverse, *speed)
         return (h, c), ys
-    w_ih, w_hh, bias, b_hn, x, carry = _vary_like((w_ih, w_hh, bias, b_hn, x, carry))
+    w_ih, w_hh, bias, b_hn, x, carry = loops.vary_like((w_ih, w_hh, bias, b_hn, x, carry))
     ys, h = loop.gru_recurrence(w_ih, w_hh, bias, b_hn, x, carry, valid, reverse, *speed)
     return h, ys
 
@@ -247,7 +224,7 @@ def _direction(
             return _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist, impl)
 
         return _segmented(run, carry, x, valid, reverse, every)
-    carry = _vary_like(carry, w, x)
+    carry = loops.vary_like(carry, w, x)
     xw, b_hn = cells.input_projection(kind, w, x)
     step = cells.step_fn(kind, w, b_hn, nonlinearity)
 

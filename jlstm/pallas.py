@@ -6,7 +6,7 @@ kernel: a program per block of 16 sequences keeps ``h`` and ``c`` in registers a
 reads the hoisted input projection of step ``t`` (one large XLA GEMM before the loop) and forms the
 four gates as ``h @ W_hh[k].T`` from the gate's ``(H, H)`` weights. The backward is a second
 kernel that runs the loop in reverse and writes every step's gate gradients; XLA then forms
-``dW_ih``, ``dW_hh``, the biases and ``dx`` as whole-sequence GEMMs (:mod:`jlstm.recurrence`), as
+``dW_ih``, ``dW_hh``, the biases and ``dx`` as whole-sequence GEMMs (:mod:`jlstm.fused`), as
 cuDNN does. Sequences are independent, so the blocks need no synchronisation at all.
 
 Triton wants power-of-two tiles of at least 16: hidden units and sequences are zero-padded to
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jlstm.recurrence import _input_grads, _outputs, _previous, _weight_grad, loop_with_backward
+from jlstm import loops
+from jlstm.loops import input_grads, outputs, previous, weight_grad
 
 DTYPES = (jnp.float32, jnp.float64)
 MAX_HIDDEN = 256  # (256 / TILE)^2 = 16 tile dots per gate and step
@@ -272,7 +273,7 @@ def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
     hs, c_n, *saved = _call(
         _lstm_forward_kernel, ins, outs, valid, shared=(1,), reverse=reverse, save=save
     )
-    ys, h_n = _outputs(hs[:, :batch, :hidden], valid, reverse)
+    ys, h_n = outputs(hs[:, :batch, :hidden], valid, reverse)
     return (ys, h_n, c_n[:batch, :hidden]), (hs, *saved)
 
 
@@ -287,17 +288,18 @@ def _lstm_bwd(reverse, residuals, cotangents):
     outs = [jax.ShapeDtypeStruct(acts.shape, x.dtype), state, state]
     dgates, dh0, dc0 = _call(_lstm_backward_kernel, ins, outs, valid, shared=(4,), reverse=reverse)
     dgates = _from_gate_major(dgates, batch, hidden)
-    dw_ih, dbias, dx = _input_grads(dgates, x, w_ih)
-    hs_prev = _previous(hs[:, :batch, :hidden], h0, reverse)
-    dw_hh = _weight_grad(dgates, hs_prev)
+    dw_ih, dbias, dx = input_grads(dgates, x, w_ih)
+    hs_prev = previous(hs[:, :batch, :hidden], h0, reverse)
+    dw_hh = weight_grad(dgates, hs_prev)
     return dw_ih, dw_hh, dbias, dx, dh0[:batch, :hidden], dc0[:batch, :hidden], None
 
 
-lstm_recurrence = loop_with_backward(
+lstm_recurrence = loops.loop_with_backward(
     _lstm_forward,
     _lstm_bwd,
+    loops.lstm_reference,
     """``(ys, h_n, c_n)`` of one LSTM direction without projection, as
-    :func:`jlstm.recurrence.lstm_recurrence` (same arguments, no ``unroll``/``hoist``).""",
+    :func:`jlstm.fused.lstm_recurrence` (same arguments, no ``unroll``/``hoist``).""",
 )
 
 
@@ -374,7 +376,7 @@ def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save):
     hs, *saved = _call(
         _gru_forward_kernel, ins, outs, valid, shared=(1, 2), reverse=reverse, save=save
     )
-    return _outputs(hs[:, :batch, :hidden], valid, reverse), (hs, *saved)
+    return outputs(hs[:, :batch, :hidden], valid, reverse), (hs, *saved)
 
 
 def _gru_bwd(reverse, residuals, cotangents):
@@ -388,15 +390,16 @@ def _gru_bwd(reverse, residuals, cotangents):
     outs = [gates, gates, jax.ShapeDtypeStruct((batch_p, hidden_p), x.dtype)]
     dxw, dhw, dh0 = _call(_gru_backward_kernel, ins, outs, valid, shared=(4,), reverse=reverse)
     dxw, dhw = (_from_gate_major(a, batch, hidden) for a in (dxw, dhw))
-    dw_ih, dbias, dx = _input_grads(dxw, x, w_ih)
-    dw_hh = _weight_grad(dhw, _previous(hs[:, :batch, :hidden], h0, reverse))
+    dw_ih, dbias, dx = input_grads(dxw, x, w_ih)
+    dw_hh = weight_grad(dhw, previous(hs[:, :batch, :hidden], h0, reverse))
     db_hn = jnp.sum(dhw[..., 2 * hidden :], axis=(0, 1))
     return dw_ih, dw_hh, dbias, db_hn, dx, dh0[:batch, :hidden], None
 
 
-gru_recurrence = loop_with_backward(
+gru_recurrence = loops.loop_with_backward(
     _gru_forward,
     _gru_bwd,
-    """``(ys, h_n)`` of one GRU direction, as :func:`jlstm.recurrence.gru_recurrence` (same
+    loops.gru_reference,
+    """``(ys, h_n)`` of one GRU direction, as :func:`jlstm.fused.gru_recurrence` (same
     arguments, no ``unroll``/``hoist``).""",
 )
