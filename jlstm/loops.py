@@ -168,7 +168,7 @@ def lstm_reference(w_ih, w_hh, bias, x, h0, c0, valid, reverse=False):
 
     def step(carry, x_t):
         h, c = carry
-        i, f, g, o = jnp.split(x_t @ w_ih.T + bias + h @ w_hh.T, 4, axis=-1)
+        i, f, g, o = jnp.split(x_t @ w_ih.T + bias[None, :] + h @ w_hh.T, 4, axis=-1)
         c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
         return (h, c), h
@@ -189,10 +189,10 @@ def gru_reference(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse=False):
     """
 
     def step(h, x_t):
-        xr, xz, xn = jnp.split(x_t @ w_ih.T + bias, 3, axis=-1)
+        xr, xz, xn = jnp.split(x_t @ w_ih.T + bias[None, :], 3, axis=-1)
         hr, hz, hn = jnp.split(h @ w_hh.T, 3, axis=-1)
         r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
-        n = jnp.tanh(xn + r * (hn + b_hn))
+        n = jnp.tanh(xn + r * (hn + b_hn[None, :]))
         h = n + z * (h - n)
         return h, h
 

@@ -128,16 +128,19 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def applies(x: jax.Array) -> bool:
-    """Whether ``impl="auto"`` takes the native loop for a direction over ``x``: on XLA CPU,
-    in float32 or float64, with a non-empty sequence, and the library available."""
-    return (
-        jax.default_backend() == "cpu"
-        and x.dtype in DTYPES
-        and x.shape[0] > 0
-        and os.environ.get("JLSTM_NATIVE", "1") != "0"
-        and available()
-    )
+def export_checks() -> list:
+    """What ``jax.export`` must be told to export a CPU program that calls the C++ loops:
+    ``export.export(f, platforms=["cpu"], disabled_checks=native.export_checks())``. Custom calls
+    outside JAX have no compatibility guarantee, so the loading side must run the same jlstm (and
+    have imported :mod:`jlstm.native` and called :func:`available`, which registers the targets)
+    before calling the deserialized function.
+
+    >>> len(export_checks()) == len(TARGETS)
+    True
+    """
+    from jax import export
+
+    return [export.DisabledSafetyCheck.custom_call(f"jlstm_{name}") for name in TARGETS]
 
 
 def _valid_bytes(valid):
