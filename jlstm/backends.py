@@ -105,9 +105,11 @@ class Backend:
             return f"it runs {names}, this call is {jnp.dtype(call.dtype).name}"
         if self.max_hidden is not None and call.hidden_size > self.max_hidden:
             return f"hidden_size {call.hidden_size} is over {self.max_hidden}, the largest it takes"
+        if (reason := self.covers(call)) is not None:
+            return reason
         if (reason := self.process()) is not None:
             return f"it is not available here: {reason}"
-        return self.covers(call)
+        return None
 
 
 _KIND_NAMES = {
@@ -186,6 +188,14 @@ def _native_process() -> str | None:
     return native.unavailable_reason()
 
 
+def _cudnn_process() -> str | None:
+    from jaxlib import gpu_rnn
+
+    if not hasattr(gpu_rnn, "compute_rnn_workspace_reserve_space_sizes"):
+        return "this jaxlib has no cuDNN RNN support (it comes with JAX's CUDA plugin)"
+    return None
+
+
 def _cudnn_covers(call: Call) -> str | None:
     if call.checkpoint_every is not None:
         return "cuDNN keeps its own activations, so checkpoint_every cannot segment them"
@@ -246,6 +256,7 @@ BACKENDS: dict[str, Backend] = {
             platforms=("cuda",),
             auto=(),  # until measured on a GPU
             layer=cudnn.layer,
+            process=_cudnn_process,
             covers=_cudnn_covers,
         ),
         Backend(

@@ -110,12 +110,6 @@ def test_ahead_of_time_lowering_for_another_platform(kind, platform):
             r"lstm: impl='pallas' \(the Pallas kernels\) does not lower for tpu; it lowers for "
             r"cuda, cpu: use impl='auto' \(on tpu: impl='fused'\)",
         ),
-        (
-            "cudnn",
-            "cpu",
-            r"lstm: impl='cudnn' \(cuDNN through jax.experimental.rnn\) does not lower for cpu; it "
-            r"lowers for cuda: use impl='auto' \(on cpu: impl='native'\)",
-        ),
     ],
 )
 def test_explicit_impl_refused_for_a_platform_it_does_not_lower_for(impl, platform, match):
@@ -126,10 +120,26 @@ def test_explicit_impl_refused_for_a_platform_it_does_not_lower_for(impl, platfo
         export.export(fn, platforms=[platform])(*_problem("lstm"))
 
 
-def test_cudnn_called_on_this_cpu_says_where_it_runs():
-    params, x, state, lengths = _problem("lstm")
-    with pytest.raises(ValueError, match=r"impl='cudnn' .* does not lower for cpu"):
+def test_cudnn_needs_jaxs_cuda_plugin():
+    params, x, state, _ = _problem("lstm")
+    with pytest.raises(
+        ValueError,
+        match=r"impl='cudnn' .* cannot run this call: it is not available here: this jaxlib has "
+        r"no cuDNN RNN support .*; use impl='auto'",
+    ):
         jlstm.lstm(params, x, state, batch_first=True, impl="cudnn")
+
+
+def test_cudnn_refused_for_a_platform_it_does_not_lower_for(cudnn_on_cpu):
+    """With jax.experimental.rnn's reference standing in (lowering for cuda and, here, cpu)."""
+    fn = _functions("lstm", "cudnn")["train"]
+    fn(*_problem("lstm"))  # lowers for this CPU
+    with pytest.raises(
+        ValueError,
+        match=r"impl='cudnn' \(cuDNN through jax.experimental.rnn\) does not lower for tpu; it "
+        r"lowers for cuda, cpu: use impl='auto' \(on tpu: impl='fused'\)",
+    ):
+        fn.trace(*_problem("lstm")).lower(lowering_platforms=("tpu",))
 
 
 def test_auto_choice_per_platform():
