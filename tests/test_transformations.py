@@ -11,14 +11,14 @@ from trees import assert_trees_close, probe_loss
 import jlstm
 
 LAYERS = {"lstm": (jlstm.lstm, jlstm.init_lstm), "gru": (jlstm.gru, jlstm.init_gru)}
-L, N, I, H = 3, 2, 2, 3  # tiny: Pallas runs interpreted here
+L, N, IN, H = 3, 2, 2, 3  # tiny: Pallas runs interpreted here
 LENGTHS = jnp.array([3, 1])
 
 
 def _problem(kind):
     keys = jax.random.split(jax.random.key(4), 4)
-    params = LAYERS[kind][1](keys[0], I, H, bidirectional=True, dtype=jnp.float64)
-    x = jax.random.normal(keys[1], (L, N, I), jnp.float64)
+    params = LAYERS[kind][1](keys[0], IN, H, bidirectional=True, dtype=jnp.float64)
+    x = jax.random.normal(keys[1], (L, N, IN), jnp.float64)
     h0 = jax.random.normal(keys[2], (2, N, H), jnp.float64)
     state = (h0, jax.random.normal(keys[3], (2, N, H), jnp.float64)) if kind == "lstm" else h0
     return params, x, state
@@ -46,8 +46,8 @@ TRANSFORMATIONS = {
     "hessian": lambda f: jax.hessian(f, argnums=1),
     "jacrev_of_jacrev": lambda f: jax.jacrev(jax.jacrev(f, argnums=1), argnums=1),
     "vmap": lambda f: lambda p, x: jax.vmap(f, in_axes=(None, 0))(p, jnp.stack([x, -2 * x])),
-    "vmap_of_grad": lambda f: lambda p, x: jax.vmap(jax.grad(f), in_axes=(None, 0))(
-        p, jnp.stack([x, -2 * x])
+    "vmap_of_grad": lambda f: (
+        lambda p, x: jax.vmap(jax.grad(f), in_axes=(None, 0))(p, jnp.stack([x, -2 * x]))
     ),
     "grad_of_vmap": lambda f: jax.grad(
         lambda p, x: jnp.sum(jax.vmap(f, in_axes=(None, 0))(p, jnp.stack([x, -2 * x])))
