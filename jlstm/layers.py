@@ -253,16 +253,16 @@ def lstm(
       dropout: torch's dropout on the outputs of every layer but the last, applied only when ``key``
         is given (training); without a key the call is deterministic (``module.eval()``).
       key: a PRNG key for dropout.
-      impl: ``"auto"`` (default: the fastest path that applies), ``"native"`` for the C++ time
-        loop of :mod:`jlstm.native` (CPU, float32/float64, LSTM without ``proj_size`` and GRU;
-        auto's choice there),
-        ``"fused"`` for the ``lax.scan`` loop with the hand-written backward of
-        :mod:`jlstm.recurrence` (auto's choice elsewhere, without ``proj_size``), ``"scan"``
-        for plain autodiff through ``lax.scan`` over the cell, ``"pallas"`` for the Pallas
-        kernels of :mod:`jlstm.pallas` (one kernel per direction's time loop; Triton on CUDA GPUs,
-        interpreted on CPU; H <= 256), or ``"cudnn"`` for cuDNN's LSTM through
-        ``jax.experimental.rnn`` (:mod:`jlstm.cudnn`; CUDA GPUs, float32, LSTM only, lengths >= 1).
-        The last two are opt-in until measured on a GPU (README). All give torch's numbers.
+      impl: ``"auto"`` (default) takes, for each platform the program is lowered for, the fastest
+        implementation that covers the call: the C++ loop of :mod:`jlstm.native` on CPU (LSTM
+        without ``proj_size`` and GRU, float32/float64), ``"fused"`` (``lax.scan`` with the
+        hand-written backward of :mod:`jlstm.fused`) on cuda, rocm and tpu, ``"scan"`` (plain
+        autodiff through ``lax.scan`` over the cell) for RNN and ``proj_size``. ``"native"``,
+        ``"fused"``, ``"scan"``, ``"pallas"`` (one Pallas kernel per direction: Triton on CUDA,
+        interpreted on CPU; H <= 256) and ``"cudnn"`` (``jax.experimental.rnn``; CUDA, float32,
+        LSTM, lengths >= 1) ask for one; lowering it for a platform it does not lower for raises a
+        ``ValueError``. :mod:`jlstm.backends` holds the table. All give torch's numbers and
+        support every JAX transformation.
       unroll: time steps per loop iteration (``lax.scan``'s ``unroll``); a speed knob only.
       checkpoint_every: memory knob for training on long sequences: the backward pass keeps the
         state every ``checkpoint_every`` steps and recomputes the steps in between
