@@ -214,6 +214,7 @@ class _Spec:
     num_arrays: int
     masked: bool
     saved: Any  # the treedef of saved
+    out: Any  # the treedef of the loop's output
 
     def split(self, flat):
         n, m = self.num_arrays, int(self.masked)
@@ -234,12 +235,12 @@ lin_p.multiple_results = True
 
 def _lin(spec: _Spec, arrays, valid, saved, tangents):
     flat = (*arrays, *([] if valid is None else [valid]), *jax.tree.leaves(saved), *tangents)
-    return tuple(lin_p.bind(*flat, spec=spec))
+    return jax.tree.unflatten(spec.out, lin_p.bind(*flat, spec=spec))
 
 
 def _lin_impl(*flat, spec):
     arrays, valid, _, tangents = spec.split(flat)
-    return list(spec.tangents(arrays, valid, tangents))
+    return jax.tree.leaves(spec.tangents(arrays, valid, tangents))
 
 
 def _lin_abstract_eval(*avals, spec):
@@ -249,13 +250,13 @@ def _lin_abstract_eval(*avals, spec):
     # Every operand varies alike (vary_like); results vary like the widest of them.
     ref = max(avals, key=lambda a: len(a.manual_axis_type.varying))
     if ref.manual_axis_type.empty:
-        return [jax.core.ShapedArray(s.shape, s.dtype) for s in shapes]
+        return [jax.core.ShapedArray(s.shape, s.dtype) for s in jax.tree.leaves(shapes)]
     sharding = jax.sharding.NamedSharding(ref.sharding.mesh, jax.sharding.PartitionSpec())
     return [
         jax.core.ShapedArray(
             s.shape, s.dtype, sharding=sharding, manual_axis_type=ref.manual_axis_type
         )
-        for s in shapes
+        for s in jax.tree.leaves(shapes)
     ]
 
 
@@ -264,18 +265,17 @@ def _lin_jvp(primals, tangents, *, spec):
     d_arrays, _, _, d_t = spec.split([ad.instantiate_zeros(x) for x in tangents])
     out = lin_p.bind(*primals, spec=spec)
     _, d_out = jax.jvp(lambda a, t: spec.tangents(a, valid, t), (arrays, t), (d_arrays, d_t))
-    return out, list(d_out)
+    return out, jax.tree.leaves(d_out)
 
 
 def _lin_transpose(cotangents, *flat, spec):
     arrays, valid, saved, _ = spec.split(flat)
-    cotangents = tuple(ad.instantiate_zeros(ct) for ct in cotangents)
+    cotangents = jax.tree.unflatten(spec.out, [ad.instantiate_zeros(ct) for ct in cotangents])
     grads = spec.backward(arrays, valid, saved, cotangents, spec.static)
     return [None] * (len(flat) - spec.num_arrays) + list(grads)
 
 
 def _lin_batch(args, dims, *, spec):
-    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
     mapped = [i for i, d in enumerate(dims) if d is not None]
 
     def one(leaves):
@@ -285,7 +285,7 @@ def _lin_batch(args, dims, *, spec):
         return lin_p.bind(*flat, spec=spec)
 
     leaves = [jnp.moveaxis(args[i], dims[i], 0) for i in mapped]
-    outs = lax.map(one, leaves) if size else one([a[0] for a in leaves])
+    outs = lax.map(one, leaves)
     return outs, [0] * len(outs)
 
 
@@ -326,12 +326,15 @@ def loop_with_backward(
     ...     forward, backward, lambda w, x, valid, reverse: w * x, "w * x", num_arrays=2
     ... )
     >>> jax.grad(lambda w: jnp.sum(loop(w, jnp.arange(3.0), None, False)))(2.0)
-    Array(3., dtype=float32, weak_type=True)
+    Array(3., dtype=float32)
     """
     n = num_arrays
 
-    def make_spec(static, valid, saved):
-        return _Spec(reference, _backward, static, n, valid is not None, jax.tree.structure(saved))
+    def make_spec(static, valid, saved, out):
+        structure = jax.tree.structure
+        return _Spec(
+            reference, _backward, static, n, valid is not None, structure(saved), structure(out)
+        )
 
     @partial(jax.custom_jvp, nondiff_argnums=(4,))
     def _backward(arrays, valid, saved, cotangents, static):
@@ -358,7 +361,7 @@ def loop_with_backward(
     def _forward_saving_jvp(static, primals, tangents):
         arrays, valid = primals
         out, saved = forward_saving(arrays, valid, static)
-        t_out = _lin(make_spec(static, valid, saved), arrays, valid, saved, tangents[0])
+        t_out = _lin(make_spec(static, valid, saved, out), arrays, valid, saved, tangents[0])
         return (out, saved), (t_out, jax.tree.map(_zero_tangent, saved))
 
     @partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -369,7 +372,8 @@ def loop_with_backward(
     def _inference_jvp(static, primals, tangents):
         arrays, valid = primals
         out, saved = forward_saving(arrays, valid, static)
-        return out, _lin(make_spec(static, valid, saved), arrays, valid, saved, tangents[0])
+        spec = make_spec(static, valid, saved, out)
+        return out, _lin(spec, arrays, valid, saved, tangents[0])
 
     def loop(*args):
         return inference(tuple(args[:n]), args[n], tuple(args[n + 1 :]))
