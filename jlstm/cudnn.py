@@ -9,6 +9,10 @@ layers) still applies; packed sequences map onto cuDNN's padded layout with leng
 It is float32 only, has no lowering but CUDA's (none for CPU, so its plumbing is tested against
 ``jax.experimental.rnn.lstm_ref``), and asks cuDNN for IEEE float32 matmuls, not TF32, so it
 computes what the other paths compute.
+
+``jax.experimental.rnn.lstm`` is a ``jax.custom_vjp`` around the cuDNN calls: ``jit``, ``grad``,
+``vmap`` and ``checkpoint`` work, forward mode (``jvp``, ``jacfwd``, ``hessian``) and ``grad`` of
+``grad`` do not (JAX raises); every other ``impl`` supports those (:mod:`jlstm.backends`).
 """
 
 from __future__ import annotations

@@ -11,21 +11,9 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
-from jlstm import cells, cudnn, native, pallas, recurrence
+from jlstm import backends, cells
 from jlstm import params as P
-
-
-def _masked(step, carry, inputs):
-    """A step that leaves the carry untouched and outputs zeros where ``valid`` is False, so a
-    sequence's state freezes after its last element (forward) or stays initial until its last
-    element is reached (reverse scan): exactly torch's packed-sequence semantics."""
-    xw_t, valid = inputs
-    new_carry, y = step(carry, xw_t)
-    new_carry = jax.tree.map(lambda new, old: jnp.where(valid, new, old), new_carry, carry)
-    return new_carry, jnp.where(valid, y, jnp.zeros_like(y))
 
 
 def _check_input(fn: str, x, structure: P.Structure, batch_first: bool) -> tuple[jax.Array, bool]:
@@ -84,21 +72,13 @@ def _check_lengths(
             f"{fn}: seq_lengths has shape {lengths.shape} but x has batch size {batch}; "
             f"expected shape ({batch},), one length per sequence"
         )
-    concrete = _concrete(lengths)
+    concrete = backends.known_values(lengths)
     if concrete is not None and concrete.size and (concrete.min() < 0 or concrete.max() > length):
         raise ValueError(
             f"{fn}: seq_lengths must lie in [0, {length}] (the padded seq_len), got "
             f"min {concrete.min()} and max {concrete.max()}; pad x to the longest sequence"
         )
     return lengths
-
-
-def _concrete(lengths) -> np.ndarray | None:
-    """The lengths' values, or None when they are traced (unknown at trace time)."""
-    try:
-        return np.asarray(lengths)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
 def _check_dropout(fn: str, dropout) -> None:
@@ -109,32 +89,7 @@ def _check_dropout(fn: str, dropout) -> None:
         )
 
 
-IMPLS = ("auto", "native", "fused", "scan", "pallas", "cudnn")
-
-
-def _check_impl(
-    fn: str, kind: str, structure: P.Structure, impl, unroll, checkpoint_every=None
-) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
-    loops = {
-        "fused": "hand-written backward",
-        "native": "the C++ CPU loop",
-        "pallas": "the Pallas kernels",
-    }
-    if impl in loops and (kind == "rnn" or structure.proj_size):
-        raise ValueError(
-            f"{fn}: impl='{impl}' ({loops[impl]}) covers LSTM without proj_size and GRU; "
-            f"this is {'an RNN' if kind == 'rnn' else 'an LSTM with proj_size'}: use impl='auto'"
-        )
-    if impl == "cudnn" and (kind != "lstm" or structure.proj_size):
-        what = "an LSTM with proj_size" if kind == "lstm" else f"a {kind.upper()}"
-        raise ValueError(
-            f"{fn}: impl='cudnn' (jax.experimental.rnn) covers LSTM without proj_size; "
-            f"this is {what}: use impl='auto'"
-        )
-    if impl == "native" and (reason := native.unavailable_reason()) is not None:
-        raise ValueError(f"{fn}: impl='native' is not available here: {reason}; use impl='auto'")
+def _check_speed(fn: str, unroll, checkpoint_every) -> None:
     if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
         raise ValueError(
             f"{fn}: unroll must be an int >= 1 (time steps per loop iteration), got {unroll!r}"
@@ -150,118 +105,9 @@ def _check_impl(
         )
 
 
-def _varying_axes(a) -> frozenset:
-    """The ``shard_map`` mesh axes over which ``a`` varies (empty outside ``shard_map``)."""
-    aval = jax.typeof(a)
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-
-def _vary_like(tree, *others):
-    """``tree`` cast to vary over every ``shard_map`` axis any leaf of ``tree`` or ``others`` varies
-    over. A scan's carry must keep its type, and a ``custom_vjp``'s cotangents must match its
-    inputs; with a batch-sharded ``x`` and replicated weights or zero states, neither holds unless
-    everything is made varying first. The cast's transpose is a ``psum``, so gradients w.r.t.
-    replicated weights come out summed over the shards, as autodiff gives them. No-op outside
-    ``shard_map``."""
-    axes = frozenset().union(*map(_varying_axes, jax.tree.leaves((tree, others))))
-
-    def cast(a):
-        missing = tuple(sorted(axes - _varying_axes(a)))
-        return lax.pcast(a, missing, to="varying") if missing else a
-
-    return jax.tree.map(cast, tree) if axes else tree
-
-
-def _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist=None, impl="fused"):
-    """LSTM (without projection) or GRU with a hand-written backward that forms the weight
-    gradients in one matmul after the loop: on :mod:`jlstm.native` (the C++ loop, on CPU) when
-    ``impl`` is ``"native"``, or ``"auto"`` where it applies, else on :mod:`jlstm.recurrence`.
-    ``hoist`` (default: by backend) places the latter's input projection, see there."""
-    bias, b_hn = cells.folded_biases(kind, w)
-    zeros = jnp.zeros(w.w_hh.shape[:1], x.dtype)
-    bias = zeros if bias is None else bias
-    b_hn = zeros[: w.w_hh.shape[1]] if b_hn is None else b_hn
-    # In x's dtype (the promoted one, see _run): the hand-written backward then returns each
-    # gradient in its parameter's own dtype through astype's transpose.
-    w_ih, w_hh, bias, b_hn = (a.astype(x.dtype) for a in (w.w_ih, w.w_hh, bias, b_hn))
-    if impl == "native" or (impl == "auto" and native.applies(x)):
-        loop, speed = native, ()  # the C++ loop has no unroll or hoist
-    elif impl == "pallas" or (impl == "auto" and pallas.applies(x, w.w_hh.shape[1])):
-        loop, speed = pallas, ()  # one kernel per loop: no unroll, the projection is hoisted
-    else:
-        # On XLA CPU the input projection runs faster inside the step (see jlstm.recurrence).
-        hoist = jax.default_backend() != "cpu" if hoist is None else hoist
-        loop, speed = recurrence, (unroll, hoist)
-    if kind == "lstm":
-        w_ih, w_hh, bias, x, carry = _vary_like((w_ih, w_hh, bias, x, carry))
-        ys, h, c = loop.lstm_recurrence(w_ih, w_hh, bias, x, *carry, valid, reverse, *speed)
-        return (h, c), ys
-    w_ih, w_hh, bias, b_hn, x, carry = _vary_like((w_ih, w_hh, bias, b_hn, x, carry))
-    ys, h = loop.gru_recurrence(w_ih, w_hh, bias, b_hn, x, carry, valid, reverse, *speed)
-    return h, ys
-
-
-def _segmented(run, carry, xs, valid, reverse, every):
-    """``run(carry, xs, valid) -> (carry, ys)`` over the whole sequence, or, with ``every``, as a
-    scan over segments of ``every`` steps, each under ``jax.checkpoint``: the backward pass keeps
-    only the carry at each segment start and recomputes a segment's forward when it reaches it, so
-    activation memory is ``O(L/every + every)`` steps instead of ``O(L)``, for about one extra
-    forward pass. A ragged last segment is padded with invalid steps, which leave the carry alone
-    (forward and reverse alike) and whose outputs are cut off."""
-    length = xs.shape[0]
-    if every is None or every >= length:
-        return run(carry, xs, valid)
-    segments = -(-length // every)
-    pad = segments * every - length
-    if pad:
-        if valid is None:
-            valid = jnp.ones((length, *xs.shape[1:-1], 1), bool)
-        xs = jnp.concatenate([xs, jnp.zeros((pad, *xs.shape[1:]), xs.dtype)])
-        valid = jnp.concatenate([valid, jnp.zeros((pad, *valid.shape[1:]), bool)])
-
-    def split(a):
-        return None if a is None else a.reshape(segments, every, *a.shape[1:])
-
-    carry, ys = lax.scan(
-        lambda carry, seg: jax.checkpoint(run)(carry, *seg),
-        carry,
-        (split(xs), split(valid)),
-        reverse=reverse,
-    )
-    return carry, ys.reshape(segments * every, *ys.shape[2:])[:length]
-
-
-def _direction(
-    kind, w, x, carry, valid, reverse, nonlinearity, impl, unroll, hoist=None, every=None
-):
-    """One direction of one layer over the whole sequence: ``(final carry, outputs)``.
-
-    LSTM (without projection) and GRU run on :func:`_recurrence` unless ``impl="scan"`` asks for
-    plain autodiff through ``lax.scan`` over the cell (the reference path; RNN and projected LSTM
-    use it). ``every`` recomputes the forward in segments, see :func:`_segmented`.
-    """
-    if impl != "scan" and (kind == "gru" or (kind == "lstm" and w.w_hr is None)):
-
-        def run(carry, x, valid):
-            return _recurrence(kind, w, x, carry, valid, reverse, unroll, hoist, impl)
-
-        return _segmented(run, carry, x, valid, reverse, every)
-    carry = _vary_like(carry, w, x)
-    xw, b_hn = cells.input_projection(kind, w, x)
-    step = cells.step_fn(kind, w, b_hn, nonlinearity)
-
-    def run(carry, xw, valid):
-        if valid is None:
-            return lax.scan(step, carry, xw, reverse=reverse, unroll=unroll)
-        return lax.scan(partial(_masked, step), carry, (xw, valid), reverse=reverse, unroll=unroll)
-
-    return _segmented(run, carry, xw, valid, reverse, every)
-
-
 @partial(
     jax.jit,
-    static_argnames=("kind", "dropout", "nonlinearity", "impl", "unroll", "checkpoint_every"),
+    static_argnames=("kind", "dropout", "nonlinearity", "choice", "unroll", "checkpoint_every"),
 )
 def _stack(
     layers: tuple[tuple[P.Weights, ...], ...],
@@ -273,7 +119,7 @@ def _stack(
     kind: str,
     dropout: float,
     nonlinearity: str,
-    impl: str,
+    choice: backends.Choice,
     unroll: int,
     checkpoint_every: int | None,
 ):
@@ -287,31 +133,21 @@ def _stack(
     )
     finals = []
     for layer, directions in enumerate(layers):
-        if impl == "cudnn":  # both directions in one cuDNN call
-            rows = slice(layer * len(directions), (layer + 1) * len(directions))
-            x, h, c = cudnn.layer(directions, x, state[0][rows], state[1][rows], lengths)
-            finals += list(zip(h, c, strict=True))
-            x, key = _dropout(x, dropout, key, layer == len(layers) - 1)
-            continue
-        outputs = []
-        for direction, w in enumerate(directions):
-            index = layer * len(directions) + direction
-            carry = jax.tree.map(lambda s, i=index: s[i], state)
-            carry, y = _direction(
-                kind,
-                w,
-                x,
-                carry,
-                valid,
-                direction == 1,
-                nonlinearity,
-                impl,
-                unroll,
-                every=checkpoint_every,
-            )
-            finals.append(carry)
-            outputs.append(y)
-        x = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
+        rows = range(layer * len(directions), (layer + 1) * len(directions))
+        carries = [jax.tree.map(lambda s, i=i: s[i], state) for i in rows]
+        x, carries = backends.layer(
+            choice,
+            kind,
+            directions,
+            x,
+            carries,
+            valid,
+            lengths,
+            nonlinearity=nonlinearity,
+            unroll=unroll,
+            every=checkpoint_every,
+        )
+        finals += carries
         x, key = _dropout(x, dropout, key, layer == len(layers) - 1)
     return x, jax.tree.map(lambda *s: jnp.stack(s), *finals)
 
@@ -344,29 +180,22 @@ def _run(
 ):
     structure = P.layer_structure(fn, kind, params)
     _check_dropout(fn, dropout)
-    _check_impl(fn, kind, structure, impl, unroll, checkpoint_every)
+    _check_speed(fn, unroll, checkpoint_every)
     x, batched = _check_input(fn, x, structure, batch_first)
     length, batch = x.shape[:2]
     lengths = _check_lengths(fn, seq_lengths, length, batch, batched)
     dtype = jnp.result_type(x, structure.layers[0][0].w_hh)
-    backend = jax.default_backend()
-    if impl == "native" and (backend != "cpu" or dtype not in native.DTYPES):
-        raise ValueError(
-            f"{fn}: impl='native' runs float32 or float64 on the CPU backend; this call is "
-            f"{jnp.dtype(dtype).name} on {backend}: use impl='auto'"
-        )
-    reasons = {
-        "pallas": lambda: pallas.unavailable_reason(backend, dtype, structure.hidden_size),
-        "cudnn": lambda: cudnn.unavailable_reason(backend, dtype, checkpoint_every),
-    }
-    if impl in reasons and (reason := reasons[impl]()) is not None:
-        raise ValueError(f"{fn}: impl='{impl}' cannot run this call: {reason}; use impl='auto'")
-    known = None if impl != "cudnn" or lengths is None else _concrete(lengths)
-    if known is not None and known.size and known.min() == 0:
-        raise ValueError(
-            f"{fn}: impl='cudnn' needs every seq_length >= 1 (cuDNN has no empty sequences), got "
-            "a 0: drop the empty sequences, or use impl='auto'"
-        )
+    call = backends.Call(
+        kind,
+        structure.proj_size,
+        jnp.dtype(dtype),
+        structure.hidden_size,
+        length,
+        checkpoint_every,
+        # Only cuDNN reads the lengths' values (a device-to-host copy): pass them only there.
+        lengths if impl == "cudnn" else None,
+    )
+    choice = backends.resolve(fn, impl, call)
     rows = structure.num_layers * structure.num_directions
     h_shape = (rows, batch, structure.output_size)
     if kind == "lstm":
@@ -386,7 +215,7 @@ def _run(
         kind=kind,
         dropout=float(dropout),
         nonlinearity=nonlinearity,
-        impl=impl,
+        choice=choice,
         unroll=unroll,
         checkpoint_every=checkpoint_every,
     )
@@ -424,16 +253,16 @@ def lstm(
       dropout: torch's dropout on the outputs of every layer but the last, applied only when ``key``
         is given (training); without a key the call is deterministic (``module.eval()``).
       key: a PRNG key for dropout.
-      impl: ``"auto"`` (default: the fastest path that applies), ``"native"`` for the C++ time
-        loop of :mod:`jlstm.native` (CPU, float32/float64, LSTM without ``proj_size`` and GRU;
-        auto's choice there),
-        ``"fused"`` for the ``lax.scan`` loop with the hand-written backward of
-        :mod:`jlstm.recurrence` (auto's choice elsewhere, without ``proj_size``), ``"scan"``
-        for plain autodiff through ``lax.scan`` over the cell, ``"pallas"`` for the Pallas
-        kernels of :mod:`jlstm.pallas` (one kernel per direction's time loop; Triton on CUDA GPUs,
-        interpreted on CPU; H <= 256), or ``"cudnn"`` for cuDNN's LSTM through
-        ``jax.experimental.rnn`` (:mod:`jlstm.cudnn`; CUDA GPUs, float32, LSTM only, lengths >= 1).
-        The last two are opt-in until measured on a GPU (README). All give torch's numbers.
+      impl: ``"auto"`` (default) takes, for each platform the program is lowered for, the fastest
+        implementation that covers the call: the C++ loop of :mod:`jlstm.native` on CPU (LSTM
+        without ``proj_size`` and GRU, float32/float64), ``"fused"`` (``lax.scan`` with the
+        hand-written backward of :mod:`jlstm.fused`) on cuda, rocm and tpu, ``"scan"`` (plain
+        autodiff through ``lax.scan`` over the cell) for RNN and ``proj_size``. ``"native"``,
+        ``"fused"``, ``"scan"``, ``"pallas"`` (one Pallas kernel per direction: Triton on CUDA,
+        interpreted on CPU; H <= 256) and ``"cudnn"`` (``jax.experimental.rnn``; CUDA, float32,
+        LSTM, lengths >= 1) ask for one; lowering it for a platform it does not lower for raises a
+        ``ValueError``. :mod:`jlstm.backends` holds the table. All give torch's numbers and
+        support every JAX transformation.
       unroll: time steps per loop iteration (``lax.scan``'s ``unroll``); a speed knob only.
       checkpoint_every: memory knob for training on long sequences: the backward pass keeps the
         state every ``checkpoint_every`` steps and recomputes the steps in between

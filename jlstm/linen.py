@@ -63,6 +63,9 @@ class _Layer(nn.Module):
     bidirectional: bool = False
     dtype: Any = jnp.float32
     deterministic: bool | None = None
+    impl: str = "auto"
+    unroll: int = 1
+    checkpoint_every: int | None = None
 
 
 class LSTM(_Layer):
@@ -78,6 +81,9 @@ class LSTM(_Layer):
         proj_size: if > 0, project ``h`` to this size (``weight_hr_l{k}``).
         dtype: parameter dtype.
         deterministic: disables dropout; may instead be passed at call time.
+        impl, unroll, checkpoint_every: passed to :func:`jlstm.lstm`: the time loop's
+            implementation (``"auto"``: the fastest that applies on the platform compiled for),
+            time steps per loop iteration, and steps per recomputed segment of the backward.
 
     >>> import jax, jax.numpy as jnp
     >>> from jlstm import linen
@@ -119,6 +125,9 @@ class LSTM(_Layer):
             seq_lengths=seq_lengths,
             dropout=self.dropout,
             key=_dropout_key(self, deterministic),
+            impl=self.impl,
+            unroll=self.unroll,
+            checkpoint_every=self.checkpoint_every,
         )
 
 
@@ -163,6 +172,9 @@ class GRU(_Layer):
             seq_lengths=seq_lengths,
             dropout=self.dropout,
             key=_dropout_key(self, deterministic),
+            impl=self.impl,
+            unroll=self.unroll,
+            checkpoint_every=self.checkpoint_every,
         )
 
 
@@ -211,4 +223,7 @@ class RNN(_Layer):
             seq_lengths=seq_lengths,
             dropout=self.dropout,
             key=_dropout_key(self, deterministic),
+            impl=self.impl,
+            unroll=self.unroll,
+            checkpoint_every=self.checkpoint_every,
         )

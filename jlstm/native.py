@@ -6,7 +6,7 @@ over threads with small GEMMs per thread and step and one barrier per step, as o
 the file's header). This module compiles it on first use with the machine's C++ compiler against
 JAX's FFI headers (nothing else), caches the library under ``$JLSTM_CACHE`` (default
 ``~/.cache/jlstm``), registers it with XLA, and wraps it as :func:`lstm_recurrence` and
-:func:`gru_recurrence`, the same functions as in :mod:`jlstm.recurrence`, each with a hand-written
+:func:`gru_recurrence`, the same functions as in :mod:`jlstm.fused`, each with a hand-written
 backward: the C++ backward loop, which also sums the weight gradients while they fit
 (:data:`WEIGHTS_IN_LOOP_BYTES`), else hands the gate gradients to whole-sequence XLA GEMMs.
 
@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlstm.recurrence import _input_grads, _outputs, _previous, _weight_grad, loop_with_backward
+from jlstm import loops
+from jlstm.loops import input_grads, like, outputs, previous, weight_grad
 
 SOURCE = Path(__file__).parent / "csrc" / "recurrence.cc"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd")
@@ -127,16 +128,19 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def applies(x: jax.Array) -> bool:
-    """Whether ``impl="auto"`` takes the native loop for a direction over ``x``: on XLA CPU,
-    in float32 or float64, with a non-empty sequence, and the library available."""
-    return (
-        jax.default_backend() == "cpu"
-        and x.dtype in DTYPES
-        and x.shape[0] > 0
-        and os.environ.get("JLSTM_NATIVE", "1") != "0"
-        and available()
-    )
+def export_checks() -> list:
+    """What ``jax.export`` must be told to export a CPU program that calls the C++ loops:
+    ``export.export(f, platforms=["cpu"], disabled_checks=native.export_checks())``. Custom calls
+    outside JAX have no compatibility guarantee, so the loading side must run the same jlstm (and
+    have imported :mod:`jlstm.native` and called :func:`available`, which registers the targets)
+    before calling the deserialized function.
+
+    >>> len(export_checks()) == len(TARGETS)
+    True
+    """
+    from jax import export
+
+    return [export.DisabledSafetyCheck.custom_call(f"jlstm_{name}") for name in TARGETS]
 
 
 def _valid_bytes(valid):
@@ -144,18 +148,6 @@ def _valid_bytes(valid):
     if valid is None:
         return jnp.zeros((1,), jnp.uint8)
     return valid[..., 0].astype(jnp.uint8)
-
-
-def _like(shape, ref) -> jax.ShapeDtypeStruct:
-    """A result of ``shape`` in ``ref``'s dtype, varying over ``ref``'s ``shard_map`` axes (the
-    layer made every operand vary alike, :func:`jlstm.layers._vary_like`)."""
-    aval = jax.typeof(ref)
-    if aval.manual_axis_type.empty:
-        return jax.ShapeDtypeStruct(shape, ref.dtype)
-    sharding = jax.sharding.NamedSharding(aval.sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.ShapeDtypeStruct(
-        shape, ref.dtype, sharding=sharding, manual_axis_type=aval.manual_axis_type
-    )
 
 
 def _call(name, outs, *args, valid, reverse):
@@ -173,7 +165,7 @@ def _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
     _load()
     length, batch, hidden = x.shape[0], x.shape[1], h0.shape[-1]
     seq, state, gates = (
-        _like(shape, x)
+        like(shape, x)
         for shape in ((length, batch, hidden), (batch, hidden), (length, batch, 4 * hidden))
     )
     outs = (seq, state, seq, seq, gates) if save else (seq, state)
@@ -184,7 +176,7 @@ def _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
         valid=valid,
         reverse=reverse,
     )
-    return (*_outputs(hs, valid, reverse), c_n), (hs, *saved)
+    return (*outputs(hs, valid, reverse), c_n), (hs, *saved)
 
 
 # A thread's rows of the weight gradients (4H/threads x (I + H)) are summed inside the backward loop
@@ -215,23 +207,24 @@ def _bwd(reverse, residuals, cotangents):
     dys, dh_n, dc_n = cotangents
     inputs = (x, w_ih, w_hh, acts, cs, tcs, hs, h0, c0, dys, dh_n, dc_n)
     if weights_in_loop(x, w_hh):
-        outs = tuple(_like(a.shape, x) for a in (x, w_ih, w_hh, w_hh[:, 0], h0, c0))
+        outs = tuple(like(a.shape, x) for a in (x, w_ih, w_hh, w_hh[:, 0], h0, c0))
         dx, dw_ih, dw_hh, dbias, dh0, dc0 = _call(
             "lstm_backward", outs, *inputs, valid=valid, reverse=reverse
         )
         return dw_ih, dw_hh, dbias, dx, dh0, dc0, None
-    outs = tuple(_like(a.shape, x) for a in (acts, h0, c0))
+    outs = tuple(like(a.shape, x) for a in (acts, h0, c0))
     dgates, dh0, dc0 = _call("lstm_backward_gates", outs, *inputs, valid=valid, reverse=reverse)
-    dw_ih, dbias, dx = _input_grads(dgates, x, w_ih)
-    hs_prev = _previous(hs, h0, reverse)
-    return dw_ih, _weight_grad(dgates, hs_prev), dbias, dx, dh0, dc0, None
+    dw_ih, dbias, dx = input_grads(dgates, x, w_ih)
+    hs_prev = previous(hs, h0, reverse)
+    return dw_ih, weight_grad(dgates, hs_prev), dbias, dx, dh0, dc0, None
 
 
-lstm_recurrence = loop_with_backward(
+lstm_recurrence = loops.loop_with_backward(
     _forward,
     _bwd,
+    loops.lstm_reference,
     """``(ys, h_n, c_n)`` of one LSTM direction without projection, as
-    :func:`jlstm.recurrence.lstm_recurrence` (same arguments, no ``unroll``/``hoist``).""",
+    :func:`jlstm.fused.lstm_recurrence` (same arguments, no ``unroll``/``hoist``).""",
 )
 
 
@@ -246,12 +239,12 @@ def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save):
     acts = (length, batch, 4 * hidden) if save else (0,)  # empty: the kernel saves nothing
     hs, acts = _call(
         "gru_forward",
-        (_like((length, batch, hidden), x), _like(acts, x)),
+        (like((length, batch, hidden), x), like(acts, x)),
         *(x, w_ih, w_hh, bias, b_hn, h0),
         valid=valid,
         reverse=reverse,
     )
-    return _outputs(hs, valid, reverse), (hs, acts)
+    return outputs(hs, valid, reverse), (hs, acts)
 
 
 def _gru_bwd(reverse, residuals, cotangents):
@@ -259,28 +252,29 @@ def _gru_bwd(reverse, residuals, cotangents):
     dys, dh_n = cotangents
     inputs = (x, w_ih, w_hh, acts, hs, h0, dys, dh_n)
     if weights_in_loop(x, w_hh):
-        outs = tuple(_like(a.shape, x) for a in (x, w_ih, w_hh, w_hh[:, 0], h0[0], h0))
+        outs = tuple(like(a.shape, x) for a in (x, w_ih, w_hh, w_hh[:, 0], h0[0], h0))
         dx, dw_ih, dw_hh, dbias, db_hn, dh0 = _call(
             "gru_backward", outs, *inputs, valid=valid, reverse=reverse
         )
         return dw_ih, dw_hh, dbias, db_hn, dx, dh0, None
-    gates = _like((*x.shape[:2], w_hh.shape[0]), x)
+    gates = like((*x.shape[:2], w_hh.shape[0]), x)
     dxw, dhw, dh0 = _call(
         "gru_backward_gates",
-        (gates, gates, _like(h0.shape, x)),
+        (gates, gates, like(h0.shape, x)),
         *inputs,
         valid=valid,
         reverse=reverse,
     )
-    dw_ih, dbias, dx = _input_grads(dxw, x, w_ih)
+    dw_ih, dbias, dx = input_grads(dxw, x, w_ih)
     db_hn = jnp.sum(dhw[..., 2 * h0.shape[-1] :], axis=(0, 1))
-    return dw_ih, _weight_grad(dhw, _previous(hs, h0, reverse)), dbias, db_hn, dx, dh0, None
+    return dw_ih, weight_grad(dhw, previous(hs, h0, reverse)), dbias, db_hn, dx, dh0, None
 
 
-gru_recurrence = loop_with_backward(
+gru_recurrence = loops.loop_with_backward(
     _gru_forward,
     _gru_bwd,
-    """``(ys, h_n)`` of one GRU direction, as :func:`jlstm.recurrence.gru_recurrence` (same
+    loops.gru_reference,
+    """``(ys, h_n)`` of one GRU direction, as :func:`jlstm.fused.gru_recurrence` (same
     arguments, no ``unroll``/``hoist``).""",
 )
 

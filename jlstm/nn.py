@@ -101,6 +101,9 @@ class _Layer(_TorchParams):
         batch_first: bool,
         dropout: float,
         bidirectional: bool,
+        impl: str = "auto",
+        unroll: int = 1,
+        checkpoint_every: int | None = None,
         rngs: nnx.Rngs,
     ):
         name = type(self).__name__
@@ -129,6 +132,7 @@ class _Layer(_TorchParams):
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
+        self.impl, self.unroll, self.checkpoint_every = impl, unroll, checkpoint_every
         self.deterministic = False  # torch modules start in training mode too
         self.rngs = nnx.data(_dropout_stream(name, rngs).fork() if self._uses_dropout() else None)
         self._set_params(params)
@@ -164,6 +168,9 @@ class _Layer(_TorchParams):
             batch_first=self.batch_first,
             dropout=self.dropout,
             key=self._dropout_key(deterministic, rngs),
+            impl=self.impl,
+            unroll=self.unroll,
+            checkpoint_every=self.checkpoint_every,
         )
 
 
@@ -194,6 +201,9 @@ class LSTM(_Layer):
         bidirectional: run a reverse direction too (``*_reverse`` parameters).
         proj_size: if > 0, project ``h`` to this size (``weight_hr_l{k}``).
         dtype: parameter dtype.
+        impl, unroll, checkpoint_every: passed to :func:`jlstm.lstm` on every call: the time
+            loop's implementation (``"auto"``: the fastest that applies on the platform compiled
+            for), time steps per loop iteration, and steps per recomputed segment of the backward.
         rngs: ``params`` stream for init (torch's ``U(-1/sqrt(H), 1/sqrt(H))``), ``dropout`` stream
             for dropout masks.
 
@@ -220,6 +230,9 @@ class LSTM(_Layer):
         bidirectional: bool = False,
         proj_size: int = 0,
         dtype: jnp.dtype = jnp.float32,
+        impl: str = "auto",
+        unroll: int = 1,
+        checkpoint_every: int | None = None,
         rngs: nnx.Rngs,
     ):
         params = jlstm.init_lstm(
@@ -242,6 +255,9 @@ class LSTM(_Layer):
             batch_first=batch_first,
             dropout=dropout,
             bidirectional=bidirectional,
+            impl=impl,
+            unroll=unroll,
+            checkpoint_every=checkpoint_every,
             rngs=rngs,
         )
 
@@ -293,6 +309,9 @@ class GRU(_Layer):
         dropout: float = 0.0,
         bidirectional: bool = False,
         dtype: jnp.dtype = jnp.float32,
+        impl: str = "auto",
+        unroll: int = 1,
+        checkpoint_every: int | None = None,
         rngs: nnx.Rngs,
     ):
         params = jlstm.init_gru(
@@ -313,6 +332,9 @@ class GRU(_Layer):
             batch_first=batch_first,
             dropout=dropout,
             bidirectional=bidirectional,
+            impl=impl,
+            unroll=unroll,
+            checkpoint_every=checkpoint_every,
             rngs=rngs,
         )
 
@@ -361,6 +383,9 @@ class RNN(_Layer):
         dropout: float = 0.0,
         bidirectional: bool = False,
         dtype: jnp.dtype = jnp.float32,
+        impl: str = "auto",
+        unroll: int = 1,
+        checkpoint_every: int | None = None,
         rngs: nnx.Rngs,
     ):
         params = jlstm.init_rnn(
@@ -383,6 +408,9 @@ class RNN(_Layer):
             batch_first=batch_first,
             dropout=dropout,
             bidirectional=bidirectional,
+            impl=impl,
+            unroll=unroll,
+            checkpoint_every=checkpoint_every,
             rngs=rngs,
         )
 

@@ -6,7 +6,7 @@ kernel: a program per block of 16 sequences keeps ``h`` and ``c`` in registers a
 reads the hoisted input projection of step ``t`` (one large XLA GEMM before the loop) and forms the
 four gates as ``h @ W_hh[k].T`` from the gate's ``(H, H)`` weights. The backward is a second
 kernel that runs the loop in reverse and writes every step's gate gradients; XLA then forms
-``dW_ih``, ``dW_hh``, the biases and ``dx`` as whole-sequence GEMMs (:mod:`jlstm.recurrence`), as
+``dW_ih``, ``dW_hh``, the biases and ``dx`` as whole-sequence GEMMs (:mod:`jlstm.fused`), as
 cuDNN does. Sequences are independent, so the blocks need no synchronisation at all.
 
 Triton wants power-of-two tiles of at least 16: hidden units and sequences are zero-padded to
@@ -24,7 +24,6 @@ them to Triton IR for CUDA without one.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 
 import jax
@@ -32,7 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jlstm.recurrence import _input_grads, _outputs, _previous, _weight_grad, loop_with_backward
+from jlstm import loops
+from jlstm.loops import input_grads, outputs, previous, weight_grad
 
 DTYPES = (jnp.float32, jnp.float64)
 MAX_HIDDEN = 256  # (256 / TILE)^2 = 16 tile dots per gate and step
@@ -46,40 +46,19 @@ def _compiler_params():
     return plgpu.CompilerParams(num_warps=8, num_stages=1)
 
 
-def unavailable_reason(backend: str, dtype, hidden: int) -> str | None:
-    """Why :func:`lstm_recurrence` / :func:`gru_recurrence` cannot run here, or None."""
-    if backend not in ("gpu", "cpu"):
-        return f"Pallas' Triton kernels run on CUDA GPUs (and interpreted on CPU), not on {backend}"
-    if jnp.dtype(dtype) not in DTYPES:
-        return f"the kernels run float32 or float64, not {jnp.dtype(dtype).name}"
-    if hidden > MAX_HIDDEN:
-        return f"hidden_size {hidden} is over {MAX_HIDDEN}, the largest the kernels unroll"
-    return None
-
-
-def applies(x: jax.Array, hidden: int) -> bool:
-    """Whether ``impl="auto"`` takes the kernels: never yet (see README, "GPU"); they are opt-in
-    with ``impl="pallas"`` until they are measured against the ``lax.scan`` path on a GPU."""
-    del x, hidden
-    return False
-
-
-_COMPILE_FOR_GPU = contextvars.ContextVar("jlstm_pallas_compile_for_gpu", default=False)
-
-
-def _interpret() -> bool:
-    return jax.default_backend() != "gpu" and not _COMPILE_FOR_GPU.get()
-
-
 def lowered_for_cuda(fun, *args) -> str:
-    """The StableHLO text of ``jax.jit(fun)(*args)`` lowered for CUDA, with the kernels lowered to
-    Triton IR rather than interpreted: checks on a machine without a GPU that they lower (tile
-    shapes, dtypes, the ops Triton has). Compiling the IR to PTX still needs the GPU's XLA."""
-    token = _COMPILE_FOR_GPU.set(True)
-    try:
-        return jax.jit(fun).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    finally:
-        _COMPILE_FOR_GPU.reset(token)
+    """The StableHLO text of ``jax.jit(fun)(*args)`` lowered for CUDA: the kernels as Triton IR
+    (``impl="pallas"`` lowers them so for a ``cuda`` lowering on any host). Checks on a machine
+    without a GPU that they lower (tile shapes, dtypes, the ops Triton has); compiling the IR to
+    PTX still needs the GPU's XLA.
+
+    >>> import jax, jax.numpy as jnp, jlstm
+    >>> p = jlstm.init_gru(jax.random.key(0), 2, 4)
+    >>> text = lowered_for_cuda(lambda p: jlstm.gru(p, jnp.ones((3, 2)), impl="pallas")[0], p)
+    >>> text.count("__gpu$xla.gpu.triton")
+    1
+    """
+    return jax.jit(fun).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def _pow2(n: int) -> int:
@@ -151,11 +130,12 @@ def _keep(valid_ref, t, new, old):
     return new if valid_ref is None else jnp.where(valid_ref[t] > 0, new, old)
 
 
-def _call(kernel, ins, outs, valid, shared=(), **static):
+def _call(kernel, ins, outs, valid, compiled, shared=(), **static):
     """``kernel`` over blocks of :data:`BLOCK` sequences, with ``valid`` (``(L, N, 1)`` bool or
     None) as its last input. Every input and output holds the sequences on its second-to-last
     axis, padded to a whole number of blocks, but the inputs at the indices in ``shared`` (the
-    weights), which every program reads whole."""
+    weights), which every program reads whole. ``compiled``: Triton (a CUDA lowering), else
+    Pallas' interpreter."""
     batch_p = outs[0].shape[-2]
     if valid is not None:  # as (L, Np, 1) numbers: Triton loads no bools
         ins = [*ins, _pad(valid.astype(outs[0].dtype), (valid.shape[0], batch_p, 1))]
@@ -167,7 +147,7 @@ def _call(kernel, ins, outs, valid, shared=(), **static):
         block = (*shape[:axis], BLOCK, shape[-1])
         return pl.BlockSpec(block, lambda b: (*index[:axis], b, 0))
 
-    interpret = _interpret()
+    interpret = not compiled
     return pl.pallas_call(
         functools.partial(kernel, masked=valid is not None, **static),
         out_shape=outs,
@@ -259,7 +239,7 @@ def _lstm_backward_kernel(
         dh0_ref[:, cols], dc0_ref[:, cols] = dh, dc
 
 
-def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
+def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, compiled, save):
     length, batch, hidden = x.shape[0], x.shape[1], h0.shape[-1]
     batch_p, hidden_p = _sizes(x, hidden)
     xw = _gate_major(x @ w_ih.T + bias[None, None], 4, hidden_p, batch_p)
@@ -270,13 +250,13 @@ def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
         outs += [jax.ShapeDtypeStruct(xw.shape, x.dtype), seq]
     ins = [xw, _tiles(w_hh, hidden_p, True), *states]
     hs, c_n, *saved = _call(
-        _lstm_forward_kernel, ins, outs, valid, shared=(1,), reverse=reverse, save=save
+        _lstm_forward_kernel, ins, outs, valid, compiled, shared=(1,), reverse=reverse, save=save
     )
-    ys, h_n = _outputs(hs[:, :batch, :hidden], valid, reverse)
+    ys, h_n = outputs(hs[:, :batch, :hidden], valid, reverse)
     return (ys, h_n, c_n[:batch, :hidden]), (hs, *saved)
 
 
-def _lstm_bwd(reverse, residuals, cotangents):
+def _lstm_bwd(reverse, compiled, residuals, cotangents):
     w_ih, w_hh, _, x, h0, c0, valid, (hs, acts, cs) = residuals
     dys, dh_n, dc_n = cotangents
     batch, hidden = h0.shape
@@ -285,19 +265,22 @@ def _lstm_bwd(reverse, residuals, cotangents):
     ins = [_pad(dys, hs.shape), acts, cs, states[0], _tiles(w_hh, hidden_p, False), *states[1:]]
     state = jax.ShapeDtypeStruct((batch_p, hidden_p), x.dtype)
     outs = [jax.ShapeDtypeStruct(acts.shape, x.dtype), state, state]
-    dgates, dh0, dc0 = _call(_lstm_backward_kernel, ins, outs, valid, shared=(4,), reverse=reverse)
+    dgates, dh0, dc0 = _call(
+        _lstm_backward_kernel, ins, outs, valid, compiled, shared=(4,), reverse=reverse
+    )
     dgates = _from_gate_major(dgates, batch, hidden)
-    dw_ih, dbias, dx = _input_grads(dgates, x, w_ih)
-    hs_prev = _previous(hs[:, :batch, :hidden], h0, reverse)
-    dw_hh = _weight_grad(dgates, hs_prev)
+    dw_ih, dbias, dx = input_grads(dgates, x, w_ih)
+    hs_prev = previous(hs[:, :batch, :hidden], h0, reverse)
+    dw_hh = weight_grad(dgates, hs_prev)
     return dw_ih, dw_hh, dbias, dx, dh0[:batch, :hidden], dc0[:batch, :hidden], None
 
 
-lstm_recurrence = loop_with_backward(
+lstm_recurrence = loops.loop_with_backward(
     _lstm_forward,
     _lstm_bwd,
+    loops.lstm_reference,
     """``(ys, h_n, c_n)`` of one LSTM direction without projection, as
-    :func:`jlstm.recurrence.lstm_recurrence` (same arguments, no ``unroll``/``hoist``).""",
+    :func:`jlstm.fused.lstm_recurrence` (same arguments, but ``compiled`` for ``unroll``/``hoist``: Triton, else interpreted).""",
 )
 
 
@@ -362,7 +345,7 @@ def _gru_backward_kernel(dys_ref, acts_ref, hs_ref, h0_ref, w_ref, dh_ref, *refs
         dh0_ref[:, cols] = dh
 
 
-def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save):
+def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, compiled, save):
     length, batch, hidden = x.shape[0], x.shape[1], h0.shape[-1]
     batch_p, hidden_p = _sizes(x, hidden)
     xw = _gate_major(x @ w_ih.T + bias[None, None], 3, hidden_p, batch_p)
@@ -372,12 +355,12 @@ def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save):
     ins = [xw, _tiles(w_hh, hidden_p, True), _pad(b_hn[None], (1, hidden_p))]
     ins.append(_pad(h0, (batch_p, hidden_p)))
     hs, *saved = _call(
-        _gru_forward_kernel, ins, outs, valid, shared=(1, 2), reverse=reverse, save=save
+        _gru_forward_kernel, ins, outs, valid, compiled, shared=(1, 2), reverse=reverse, save=save
     )
-    return _outputs(hs[:, :batch, :hidden], valid, reverse), (hs, *saved)
+    return outputs(hs[:, :batch, :hidden], valid, reverse), (hs, *saved)
 
 
-def _gru_bwd(reverse, residuals, cotangents):
+def _gru_bwd(reverse, compiled, residuals, cotangents):
     w_ih, w_hh, _, _, x, h0, valid, (hs, acts) = residuals
     dys, dh_n = cotangents
     batch, hidden = h0.shape
@@ -386,17 +369,20 @@ def _gru_bwd(reverse, residuals, cotangents):
     ins += [_tiles(w_hh, hidden_p, False), _pad(dh_n, (batch_p, hidden_p))]
     gates = jax.ShapeDtypeStruct((hs.shape[0], 3, batch_p, hidden_p), x.dtype)
     outs = [gates, gates, jax.ShapeDtypeStruct((batch_p, hidden_p), x.dtype)]
-    dxw, dhw, dh0 = _call(_gru_backward_kernel, ins, outs, valid, shared=(4,), reverse=reverse)
+    dxw, dhw, dh0 = _call(
+        _gru_backward_kernel, ins, outs, valid, compiled, shared=(4,), reverse=reverse
+    )
     dxw, dhw = (_from_gate_major(a, batch, hidden) for a in (dxw, dhw))
-    dw_ih, dbias, dx = _input_grads(dxw, x, w_ih)
-    dw_hh = _weight_grad(dhw, _previous(hs[:, :batch, :hidden], h0, reverse))
+    dw_ih, dbias, dx = input_grads(dxw, x, w_ih)
+    dw_hh = weight_grad(dhw, previous(hs[:, :batch, :hidden], h0, reverse))
     db_hn = jnp.sum(dhw[..., 2 * hidden :], axis=(0, 1))
     return dw_ih, dw_hh, dbias, db_hn, dx, dh0[:batch, :hidden], None
 
 
-gru_recurrence = loop_with_backward(
+gru_recurrence = loops.loop_with_backward(
     _gru_forward,
     _gru_bwd,
-    """``(ys, h_n)`` of one GRU direction, as :func:`jlstm.recurrence.gru_recurrence` (same
+    loops.gru_reference,
+    """``(ys, h_n)`` of one GRU direction, as :func:`jlstm.fused.gru_recurrence` (same
     arguments, no ``unroll``/``hoist``).""",
 )

@@ -262,7 +262,7 @@ def test_pad_sequence_mismatched_trailing_shape():
 def test_unknown_impl():
     with pytest.raises(
         ValueError,
-        match=r"impl must be one of \('auto', 'native', 'fused', 'scan', 'pallas', 'cudnn'\), "
+        match=r"lstm: impl must be one of \('auto', 'native', 'pallas', 'cudnn', 'fused', 'scan'\), "
         r"got 'triton'",
     ):
         jlstm.lstm(LSTM, X, impl="triton")
@@ -272,7 +272,8 @@ def test_fused_impl_not_available_for_projection():
     params = jlstm.init_lstm(KEY, 4, 6, proj_size=2)
     with pytest.raises(
         ValueError,
-        match=r"impl='fused' .* covers LSTM without proj_size and GRU; this is an LSTM with proj_size",
+        match=r"lstm: impl='fused' \(lax.scan with the hand-written backward\) cannot run this call: "
+        r"it covers LSTM without proj_size and GRU, this is an LSTM with proj_size; use impl='auto'",
     ):
         jlstm.lstm(params, X, impl="fused")
 
@@ -288,7 +289,8 @@ def test_fused_impl_not_available_for_projection():
 def test_native_impl_covers_lstm_and_gru(fn, params, this):
     with pytest.raises(
         ValueError,
-        match=rf"impl='native' \(the C\+\+ CPU loop\) covers LSTM without proj_size and GRU; this is {this}",
+        match=rf"impl='native' \(the C\+\+ CPU loop\) cannot run this call: it covers LSTM without "
+        rf"proj_size and GRU, this is {this}; use impl='auto'",
     ):
         fn(params, X, impl="native")
 
@@ -297,7 +299,8 @@ def test_native_impl_needs_float32_or_float64():
     params = jlstm.init_lstm(KEY, 4, 6, dtype=jnp.bfloat16)
     with pytest.raises(
         ValueError,
-        match=r"impl='native' runs float32 or float64 on the CPU backend; this call is bfloat16 on cpu",
+        match=r"lstm: impl='native' \(the C\+\+ CPU loop\) cannot run this call: it runs float32 or "
+        r"float64, this call is bfloat16; use impl='auto'",
     ):
         jlstm.lstm(params, X.astype(jnp.bfloat16), impl="native")
 

@@ -448,3 +448,58 @@ def test_linen_trains_with_optax(kind):
         "weight_ih_l0",
         "weight_hh_l1",
     }
+
+
+def _knob_modules(kind, **knobs):
+    """(NNX module, Linen module and its variables) of ``kind`` with ``knobs``, same weights."""
+    cls = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[kind]
+    nnx_module = getattr(jnn, cls)(3, 4, num_layers=2, rngs=nnx.Rngs(0), **knobs)
+    linen_module = getattr(jlinen, cls)(4, num_layers=2, **knobs)
+    return nnx_module, linen_module, {"params": nnx_module.state_dict()}
+
+
+KNOB_X = jnp.linspace(-1.0, 1.0, 5 * 2 * 3).reshape(5, 2, 3)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize(
+    "knobs,match",
+    [
+        ({"impl": "triton"}, r"impl must be one of \('auto', 'native'.*got 'triton'"),
+        ({"unroll": 0}, r"unroll must be an int >= 1 \(time steps per loop iteration\), got 0"),
+        ({"checkpoint_every": 0}, r"checkpoint_every must be None or an int >= 1 .*got 0"),
+    ],
+    ids=["impl", "unroll", "checkpoint_every"],
+)
+def test_modules_pass_each_knob_through(kind, knobs, match):
+    """A bad value of each knob reaches jlstm's own check, from both Flax APIs."""
+    nnx_module, linen_module, variables = _knob_modules(kind, **knobs)
+    with pytest.raises(ValueError, match=rf"{kind}: {match}"):
+        nnx_module(KNOB_X)
+    with pytest.raises(ValueError, match=rf"{kind}: {match}"):
+        linen_module.apply(variables, KNOB_X)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_modules_honour_impl_unroll_and_checkpoint_every(kind):
+    """Same numbers with every knob set; impl="scan" takes the C++ loop out of the lowered program
+    and checkpoint_every puts recomputed segments (``jax.checkpoint``, "remat") into the jaxpr."""
+    for knobs, native in (
+        ({}, True),
+        ({"impl": "scan", "unroll": 2, "checkpoint_every": 2}, False),
+    ):
+        nnx_module, linen_module, variables = _knob_modules(kind, **knobs)
+        want = jlstm.lstm if kind == "lstm" else jlstm.gru
+        want = want(variables["params"], KNOB_X, impl="scan")[0]
+        np.testing.assert_allclose(nnx_module(KNOB_X)[0], want, rtol=1e-6, atol=1e-6)
+        got = linen_module.apply(variables, KNOB_X)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+        def loss(v, m=linen_module):
+            return jnp.sum(m.apply(v, KNOB_X)[0])
+
+        assert ("jlstm_" in jax.jit(loss).lower(variables).as_text()) == native
+        assert ("remat" in str(jax.make_jaxpr(loss)(variables))) != native  # jax.checkpoint
+        graph, state = nnx.split(nnx_module)
+        forward = jax.jit(lambda s, g=graph: nnx.merge(g, s)(KNOB_X)[0])
+        assert ("jlstm_" in forward.lower(state).as_text()) == native

@@ -80,7 +80,11 @@ def test_cudnn_applies_dropout_between_layers_as_the_other_paths(cudnn_on_cpu):
 
 def test_cudnn_refuses_empty_sequences(cudnn_on_cpu):
     params, x, state = _cudnn_problem()
-    with pytest.raises(ValueError, match=r"impl='cudnn' needs every seq_length >= 1.*got a 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"impl='cudnn' \(cuDNN through jax.experimental.rnn\) cannot run this call: cuDNN has "
+        r"no empty sequences, every seq_length must be >= 1 but one is 0; use impl='auto'",
+    ):
         LAYERS["lstm"][0](params, x, state, seq_lengths=jnp.array([6, 0, 3, 5]), impl="cudnn")
 
 
@@ -88,36 +92,36 @@ def test_cudnn_refuses_empty_sequences(cudnn_on_cpu):
     "kind,impl,hidden,dtype,match",
     [
         (
-            "lstm",
-            "cudnn",
-            4,
-            jnp.float32,
-            r"impl='cudnn' cannot run this call: cuDNN runs on CUDA "
-            r"GPUs; jax.experimental.rnn has no lowering for cpu; use impl='auto'",
-        ),
-        (
             "gru",
             "cudnn",
             4,
             jnp.float32,
-            r"impl='cudnn' \(jax.experimental.rnn\) covers LSTM "
-            r"without proj_size; this is a GRU: use impl='auto'",
+            r"gru: impl='cudnn' \(cuDNN through jax.experimental.rnn\) cannot run this call: it "
+            r"covers LSTM without proj_size, this is a GRU; use impl='auto'",
+        ),
+        (
+            "lstm",
+            "cudnn",
+            4,
+            jnp.float64,
+            r"impl='cudnn' \(cuDNN through jax.experimental.rnn\) cannot run this call: it runs "
+            r"float32, this call is float64; use impl='auto'",
         ),
         (
             "lstm",
             "pallas",
             257,
             jnp.float32,
-            r"impl='pallas' cannot run this call: hidden_size 257 "
-            r"is over 256, the largest the kernels unroll; use impl='auto'",
+            r"impl='pallas' \(the Pallas kernels\) cannot run this call: hidden_size 257 "
+            r"is over 256, the largest it takes; use impl='auto'",
         ),
         (
             "gru",
             "pallas",
             4,
             jnp.bfloat16,
-            r"impl='pallas' cannot run this call: the kernels run "
-            r"float32 or float64, not bfloat16; use impl='auto'",
+            r"impl='pallas' \(the Pallas kernels\) cannot run this call: it runs "
+            r"float32 or float64, this call is bfloat16; use impl='auto'",
         ),
     ],
 )
@@ -127,9 +131,9 @@ def test_refused_where_they_cannot_run(kind, impl, hidden, dtype, match):
         LAYERS[kind][0](params, x, state, impl=impl)
 
 
-def test_cudnn_refuses_what_cuDNN_lacks_even_on_a_gpu():
-    from jlstm import cudnn
-
-    assert "float32 only, not float64" in cudnn.unavailable_reason("gpu", jnp.float64, None)
-    assert "checkpoint_every" in cudnn.unavailable_reason("gpu", jnp.float32, 16)
-    assert cudnn.unavailable_reason("gpu", jnp.float32, None) is None
+def test_cudnn_refuses_checkpoint_every():
+    params, x, state = _problem("lstm", 2, 3, 4, 5, jnp.float32)
+    with pytest.raises(
+        ValueError, match=r"impl='cudnn' .* cannot run this call: cuDNN keeps its own activations"
+    ):
+        LAYERS["lstm"][0](params, x, state, impl="cudnn", checkpoint_every=1)

@@ -42,6 +42,16 @@ def test_auto_takes_the_native_loop_on_cpu(kind):
     assert "jlstm_" not in hlo("fused", grad=True)
 
 
+@KINDS
+def test_auto_skips_the_native_loop_when_turned_off(kind, monkeypatch):
+    params, x, state = _problem(kind, 3, 2, 4, 5, jnp.float32)
+    monkeypatch.setenv("JLSTM_NATIVE", "0")
+    fn = lambda p, x: jnp.sum(LAYERS[kind][0](p, x, state)[0])  # noqa: E731
+    assert "jlstm_" not in jax.jit(fn).lower(params, x).as_text()
+    with pytest.raises(ValueError, match=r"not available here: JLSTM_NATIVE=0 turns it off"):
+        LAYERS[kind][0](params, x, state, impl="native")
+
+
 # Sizes: 1 everywhere; hidden 15/16/17 around one thread's block of 16 units, 33 and 100 split over
 # threads with a ragged last block; batch 9 = a tile of 8 rows + 1; long enough to hit every tile.
 SIZES = [(1, 1, 1, 1), (4, 9, 3, 15), (3, 2, 5, 16), (5, 3, 1, 17), (6, 17, 7, 33), (2, 8, 4, 100)]
@@ -153,7 +163,11 @@ def test_auto_falls_back_when_native_is_unavailable(monkeypatch):
     jax.clear_caches()  # the layer stack is jitted: retrace with the patched availability
     text = jax.jit(lambda p: jlstm.lstm(p, x, state)[0]).lower(params).as_text()
     assert "jlstm_" not in text
-    with pytest.raises(ValueError, match=r"impl='native' is not available here: no compiler"):
+    with pytest.raises(
+        ValueError,
+        match=r"impl='native' \(the C\+\+ CPU loop\) cannot run this call: it is not available "
+        r"here: no compiler \(test\); use impl='auto'",
+    ):
         jlstm.lstm(params, x, state, impl="native")
     jax.clear_caches()
 

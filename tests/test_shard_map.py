@@ -1,6 +1,6 @@
 """The layers inside ``jax.shard_map`` with the batch split over devices and the weights replicated:
-outputs, final states and gradients equal the unsharded call, on every path (fused LSTM and GRU,
-autodiff LSTM and RNN, with lengths, with zero or given initial states).
+outputs, final states and gradients equal the unsharded call, on every path (the C++ and fused
+loops for LSTM and GRU, autodiff LSTM and RNN, with lengths, with zero or given initial states).
 
 The devices are 2 virtual CPU devices, which only exist if configured before JAX starts, so the
 checks run in a fresh Python process (``CHILD``) that prints the largest differences as JSON.
@@ -62,7 +62,8 @@ def run(fn, init, with_state, with_lengths, impl):
 
 # (cell, impl, zero or given initial state, with lengths): every path, each state and length option
 COMBOS = [("lstm", "auto", s, l) for s in (0, 1) for l in (0, 1)] + [
-    ("lstm", "scan", 0, 1), ("gru", "auto", 0, 1), ("gru", "auto", 1, 0), ("rnn", "auto", 0, 1)]
+    ("lstm", "scan", 0, 1), ("gru", "auto", 0, 1), ("gru", "auto", 1, 0), ("rnn", "auto", 0, 1),
+    ("lstm", "fused", 1, 1), ("gru", "fused", 0, 1)]
 FNS = {"lstm": (jlstm.lstm, jlstm.init_lstm), "gru": (jlstm.gru, jlstm.init_gru),
        "rnn": (jlstm.rnn, jlstm.init_rnn)}
 results = {f"{c}-{i}-state{s}-lengths{l}": run(*FNS[c], s, l, i) for c, i, s, l in COMBOS}
@@ -78,6 +79,6 @@ def test_sharded_batch_matches_unsharded():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 8
+    assert len(results) == 10
     bad = {k: v for k, v in results.items() if not v < 1e-12}
     assert not bad, bad

@@ -1,4 +1,4 @@
-"""The hand-written backward of jlstm.recurrence equals autodiff through the reference scan over the
+"""The hand-written backward of jlstm.fused equals autodiff through the reference scan over the
 cell, for both placements of the input projection (hoisted out of the loop or inside each step)."""
 
 import jax
@@ -7,7 +7,7 @@ import pytest
 from trees import assert_trees_close, probe_loss
 
 import jlstm
-from jlstm import layers
+from jlstm import backends
 from jlstm import params as P
 
 KEY = jax.random.key(7)
@@ -16,7 +16,7 @@ LENGTHS = jnp.array([6, 0, 3, 1])
 
 def _reference(kind, w, x, carry, valid, reverse):
     """The same direction as autodiff through lax.scan over the cell (impl='scan')."""
-    carry, ys = layers._direction(kind, w, x, carry, valid, reverse, "tanh", "scan", 1)
+    carry, ys = backends.direction("scan", kind, w, x, carry, valid, reverse)
     return ys, carry
 
 
@@ -40,9 +40,7 @@ def test_fused_direction_matches_autodiff(kind, bias, reverse, masked, hoist):
         return probe_loss(*run(w, x, carry))
 
     def fused(w, x, carry):
-        carry, ys = layers._direction(
-            kind, w, x, carry, valid, reverse, "tanh", "fused", 1, hoist=hoist
-        )
+        carry, ys = backends.direction("fused", kind, w, x, carry, valid, reverse, hoist=hoist)
         return ys, carry
 
     def reference(w, x, carry):

@@ -1,4 +1,4 @@
-"""The time loop of one LSTM or GRU direction with a hand-written backward pass (``jax.custom_vjp``).
+"""The fused loop: one LSTM or GRU direction as ``lax.scan`` with a hand-written backward pass.
 
 Autodiff through ``lax.scan`` accumulates the weight gradients step by step inside the backward
 loop: small ``(G*H, N) @ (N, ·)`` matmuls plus carried accumulators. cuDNN and oneDNN instead keep
@@ -11,16 +11,16 @@ activations, ``tanh(c)``, previous states), so the backward loop holds only elem
 matmul before the loop (fast on GPU/TPU), or inside each step next to ``h @ W_hh.T`` (faster on XLA
 CPU, where a step's fusion reading a slice of a large precomputed buffer runs slower than the small
 extra matmul). ``valid`` (``(L, N, 1)`` bool or None) gives packed-sequence semantics exactly as
-:func:`jlstm.layers._masked`: invalid steps keep the carry and output zeros.
+:func:`jlstm.loops.lstm_reference`: invalid steps keep the carry and output zeros.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jlstm import loops
 
 
 def _where(valid, new, old):
@@ -47,50 +47,6 @@ def _backward_scan(step, carry, xs, valid, reverse, unroll):
     return lax.scan(step, carry, (*xs, valid), reverse=not reverse, unroll=unroll)
 
 
-def _weight_grad(d, v):
-    """``sum_t d_t^T v_t`` for ``d (L, N, G)``, ``v (L, N, K)`` as one ``(K, L*N) @ (L*N, G)`` GEMM
-    with the large operand on the right, the layout XLA CPU runs fastest (a 3-D einsum makes it
-    transpose the whole buffer first). The barrier keeps the final small transpose out of the dot:
-    fused into it, XLA CPU takes a slower GEMM (1.1-2.1x at these sizes, BENCHMARKS.md)."""
-    return lax.optimization_barrier(v.reshape(-1, v.shape[-1]).T @ d.reshape(-1, d.shape[-1])).T
-
-
-def _input_grads(dxw, x, w_ih):
-    """Gradients of ``x @ W_ih.T + bias`` from every step's gate gradients, as whole-sequence matmuls."""
-    return _weight_grad(dxw, x), jnp.sum(dxw, axis=(0, 1)), dxw @ w_ih
-
-
-def _outputs(hs, valid, reverse):
-    """``(ys, h_n)`` from every step's carried h: outputs past a sequence's length are zero, and
-    the last step processed holds h_n."""
-    ys = hs if valid is None else jnp.where(valid, hs, jnp.zeros_like(hs))
-    return ys, hs[0] if reverse else hs[-1]
-
-
-def _previous(hs, h0, reverse):
-    """h_{t-1} of every step, in time order: h0 sits before the first step processed."""
-    return jnp.concatenate([hs[1:], h0[None]]) if reverse else jnp.concatenate([h0[None], hs[:-1]])
-
-
-def loop_with_backward(forward, backward, doc: str):
-    """A ``custom_vjp`` function of ``(*arrays, valid, reverse)``, ``reverse`` static and eighth,
-    from ``forward(*arrays, valid, reverse, save) -> (out, saved)`` and ``backward(reverse,
-    (*arrays, valid, saved), cotangents)``: a call without gradients runs the forward that saves
-    nothing. The loops of :mod:`jlstm.native` and :mod:`jlstm.pallas` are built this way."""
-
-    def loop(*args):
-        return forward(*args, save=False)[0]
-
-    def fwd(*args):
-        out, saved = forward(*args, save=True)
-        return out, (*args[:-1], saved)
-
-    loop.__doc__ = doc
-    loop = jax.custom_vjp(loop, nondiff_argnums=(7,))
-    loop.defvjp(fwd, backward)
-    return loop
-
-
 # --------------------------------------------------------------------------------------------
 # LSTM
 
@@ -105,7 +61,8 @@ def _gate_scales(hidden: int, dtype) -> tuple[jax.Array, jax.Array]:
     )
 
 
-def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist):
+def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist, save=True):
+    del save  # what is not needed XLA drops
     scale, offset = _gate_scales(c0.shape[-1], x.dtype)
     # (in, 4H) layouts, made once: XLA CPU's small dots run about twice as fast on them.
     w_ih_t, w_hh_t = w_ih.T, w_hh.T
@@ -131,23 +88,8 @@ def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist):
     return (ys, h_n, c_n), saved
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def lstm_recurrence(w_ih, w_hh, bias, x, h0, c0, valid, reverse=False, unroll=1, hoist=True):
-    """``(ys, h_n, c_n)`` of one LSTM direction without projection.
-
-    Args: ``w_ih (4H, I)``, ``w_hh (4H, H)``, ``bias (4H,)`` (``b_ih + b_hh``), ``x (L, N, I)``,
-    ``h0, c0 (N, H)``, ``valid (L, N, 1)`` or None; ``reverse``, ``unroll``, ``hoist`` are static.
-    """
-    return _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist)[0]
-
-
-def _lstm_fwd(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist):
-    out, saved = _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist)
-    return out, (w_ih, w_hh, x, valid, saved)
-
-
 def _lstm_bwd(reverse, unroll, hoist, residuals, cotangents):
-    w_ih, w_hh, x, valid, (factors, dh_to_dc, forget, hs_prev) = residuals
+    w_ih, w_hh, _, x, _, _, valid, (factors, dh_to_dc, forget, hs_prev) = residuals
     dys, dh_n, dc_n = cotangents
 
     def step(carry, inputs):
@@ -167,18 +109,35 @@ def _lstm_bwd(reverse, unroll, hoist, residuals, cotangents):
     (dh0, dc0), dgates = _backward_scan(
         step, (dh_n, dc_n), (dys, factors, dh_to_dc, forget), valid, reverse, unroll
     )
-    dw_ih, dbias, dx = _input_grads(dgates, x, w_ih)
-    return dw_ih, _weight_grad(dgates, hs_prev), dbias, dx, dh0, dc0, None
+    dw_ih, dbias, dx = loops.input_grads(dgates, x, w_ih)
+    return dw_ih, loops.weight_grad(dgates, hs_prev), dbias, dx, dh0, dc0, None
 
 
-lstm_recurrence.defvjp(_lstm_fwd, _lstm_bwd)
+_lstm_loop = loops.loop_with_backward(
+    _lstm_forward, _lstm_bwd, loops.lstm_reference, "One LSTM direction (fused)."
+)
+
+
+def lstm_recurrence(w_ih, w_hh, bias, x, h0, c0, valid, reverse=False, unroll=1, hoist=True):
+    """``(ys, h_n, c_n)`` of one LSTM direction without projection.
+
+    Args: ``w_ih (4H, I)``, ``w_hh (4H, H)``, ``bias (4H,)`` (``b_ih + b_hh``), ``x (L, N, I)``,
+    ``h0, c0 (N, H)``, ``valid (L, N, 1)`` or None; ``reverse``, ``unroll``, ``hoist`` are static.
+
+    >>> import jax.numpy as jnp
+    >>> w, s = jnp.zeros((8, 2)), jnp.zeros((1, 2))
+    >>> lstm_recurrence(w, w, jnp.zeros(8), jnp.ones((3, 1, 2)), s, s, None)[0].shape
+    (3, 1, 2)
+    """
+    return _lstm_loop(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist)
 
 
 # --------------------------------------------------------------------------------------------
 # GRU
 
 
-def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, unroll, hoist):
+def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, unroll, hoist, save=True):
+    del save  # what is not needed XLA drops
     hidden = h0.shape[-1]
     w_ih_t, w_hh_t = w_ih.T, w_hh.T  # (in, 3H) layouts, made once (see _lstm_forward)
 
@@ -198,20 +157,8 @@ def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, unroll, hoist):
     return (ys, h_n), saved
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def gru_recurrence(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse=False, unroll=1, hoist=True):
-    """``(ys, h_n)`` of one GRU direction: ``w_ih (3H, I)``, ``w_hh (3H, H)``, ``bias (3H,)``
-    (``b_ih + [b_hr, b_hz, 0]``), ``b_hn (H,)``, ``x (L, N, I)``, ``h0 (N, H)``; as LSTM otherwise."""
-    return _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, unroll, hoist)[0]
-
-
-def _gru_fwd(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, unroll, hoist):
-    out, saved = _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, unroll, hoist)
-    return out, (w_ih, w_hh, x, valid, saved)
-
-
 def _gru_bwd(reverse, unroll, hoist, residuals, cotangents):
-    w_ih, w_hh, x, valid, (rzs, ns, hns, hs_prev) = residuals
+    w_ih, w_hh, _, _, x, _, valid, (rzs, ns, hns, hs_prev) = residuals
     dys, dh_n = cotangents
 
     def step(dh, inputs):
@@ -235,10 +182,24 @@ def _gru_bwd(reverse, unroll, hoist, residuals, cotangents):
     dh0, (dxw, dhw) = _backward_scan(
         step, dh_n, (dys, rzs, ns, hns, hs_prev), valid, reverse, unroll
     )
-    dw_ih, dbias, dx = _input_grads(dxw, x, w_ih)
-    dw_hh = _weight_grad(dhw, hs_prev)
+    dw_ih, dbias, dx = loops.input_grads(dxw, x, w_ih)
+    dw_hh = loops.weight_grad(dhw, hs_prev)
     db_hn = jnp.sum(dhw[..., 2 * dh0.shape[-1] :], axis=(0, 1))
     return dw_ih, dw_hh, dbias, db_hn, dx, dh0, None
 
 
-gru_recurrence.defvjp(_gru_fwd, _gru_bwd)
+_gru_loop = loops.loop_with_backward(
+    _gru_forward, _gru_bwd, loops.gru_reference, "One GRU direction (fused)."
+)
+
+
+def gru_recurrence(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse=False, unroll=1, hoist=True):
+    """``(ys, h_n)`` of one GRU direction: ``w_ih (3H, I)``, ``w_hh (3H, H)``, ``bias (3H,)``
+    (``b_ih + [b_hr, b_hz, 0]``), ``b_hn (H,)``, ``x (L, N, I)``, ``h0 (N, H)``; as LSTM otherwise.
+
+    >>> import jax.numpy as jnp
+    >>> w = jnp.zeros((6, 2))
+    >>> gru_recurrence(w, w, jnp.zeros(6), jnp.zeros(2), jnp.ones((3, 1, 2)), jnp.ones((1, 2)), None)[1]
+    Array([[0.125, 0.125]], dtype=float32)
+    """
+    return _gru_loop(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, unroll, hoist)
