@@ -29,8 +29,8 @@ kernels, not the interpreter. An explicit ``impl`` that cannot lower for the tar
 
 Every entry supports every JAX transformation (``grad`` of any order, ``jvp``, ``jacfwd``,
 ``jacrev``, ``hessian``, ``vmap``, ``shard_map``, ``checkpoint``): see :mod:`jlstm.loops` for how
-the fast loops keep their fast first-order backward. ``cudnn`` is the exception (no forward mode,
-no second order: see :mod:`jlstm.cudnn`). Adding an implementation is adding an entry to :data:`BACKENDS`.
+the fast loops keep their fast first-order backward (cuDNN's call included, :mod:`jlstm.cudnn`).
+Adding an implementation is adding an entry to :data:`BACKENDS`.
 """
 
 from __future__ import annotations

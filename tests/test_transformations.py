@@ -67,9 +67,11 @@ def test_transformation_matches_the_scan_path(kind, impl, transformation):
     assert_trees_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("transformation", ["grad", "grad_of_grad", "jvp", "hessian", "vmap"])
+@pytest.mark.parametrize("transformation", list(TRANSFORMATIONS))
 def test_cudnn_plumbing_under_transformations(cudnn_on_cpu, transformation):
-    """With jax.experimental.rnn's reference standing in for the cuDNN call (see conftest)."""
+    """With jax.experimental.rnn's reference standing in for the cuDNN call (see conftest): the
+    call goes through jlstm.loops like the other fast loops, so what runs for the stand-in here
+    (its VJP for grad, lin_p's reference rules beyond) is what runs for cuDNN on a GPU."""
     params, x, state = _problem("lstm")
     transform = TRANSFORMATIONS[transformation]
     got = transform(_loss("lstm", "cudnn", state))(params, x)
