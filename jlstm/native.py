@@ -181,11 +181,11 @@ def _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
 
 # A thread's rows of the weight gradients (4H/threads x (I + H)) are summed inside the backward loop
 # up to this many bytes; beyond, the loop hands out every step's gate gradients and XLA forms the
-# weight gradients as large GEMMs on every core. `python -m experiments.prototypes.knobs weights`
-# on this project's 2-core CPU: handing the gates to XLA made a train step 1.64x slower on mnist
-# (47 KB of rows per thread) and 1.41x on long (196 KB), and changed nothing on medium (up to
-# 1.5 MB) or wide (12.6 MB, past the limit). Rows that outgrow the caches are streamed from memory
-# every step, while XLA's GEMMs keep scaling with cores, hence a limit.
+# weight gradients as large GEMMs on every core. Measured 2026-11-22 on a 2-core AMD EPYC (Zen 4)
+# by setting this limit to 0 against the default: handing the gates to XLA made a train step 1.64x
+# slower on mnist (47 KB of rows per thread) and 1.41x on long (196 KB), and changed nothing on
+# medium (up to 1.5 MB) or wide (12.6 MB, past the limit). Rows that outgrow the caches are
+# streamed from memory every step, while XLA's GEMMs keep scaling with cores, hence a limit.
 WEIGHTS_IN_LOOP_BYTES = 2 * 1024 * 1024
 
 

@@ -24,7 +24,7 @@ from experiments.bench.timing import max_rel_err, time_round_robin
 def bench_case(name: str, case: Case, mode: str, impl_names: list[str], args) -> dict:
     """One (case, mode): every implementation that applies is checked against torch (the first
     of `impl_names`), and those that agree are timed side by side."""
-    load_start = machine.load_average()
+    load = machine.load_now()
     module, x, cot = adapters.setup(case, args.torch_device)
     tol = adapters.tolerance()
 
@@ -48,7 +48,7 @@ def bench_case(name: str, case: Case, mode: str, impl_names: list[str], args) ->
     for impl_name, timing in time_round_robin(impls, args.samples, args.sample_s).items():
         record["impls"][impl_name] |= timing
     # Other processes on the cores skew the ratios (torch's OpenMP team loses more than XLA).
-    return record | machine.load_record(load_start, machine.load_average())
+    return record | machine.load_since(load)
 
 
 def parse_args(argv=None):

@@ -23,7 +23,7 @@ from experiments.bench.timing import max_rel_err
 
 
 def bench_epoch(args) -> dict:
-    load_start = machine.load_average()
+    load = machine.load_now()
     batch, n_batches, lr = 64, 60_000 // 64, 1e-3  # 937 full batches (the last 32 dropped)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n_batches, batch, 28, 28), np.uint8)  # MNIST-shaped noise
@@ -92,7 +92,7 @@ def bench_epoch(args) -> dict:
             times[name].append(time.perf_counter() - start)
             print(f"  epoch {s} {name}: {times[name][-1]:.2f} s", flush=True)
     rec = {"batches": n_batches, "batch": batch, "check_max_rel_err": err, "compile_s": compile_s}
-    rec |= machine.load_record(load_start, machine.load_average())
+    rec |= machine.load_since(load)
     rec |= {name: {"median_s": statistics.median(t), "samples_s": t} for name, t in times.items()}
     rec["ratio_jlstm_torch"] = rec["jlstm"]["median_s"] / rec["torch"]["median_s"]
     rec["last_epoch_mean_loss"] = losses

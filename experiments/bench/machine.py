@@ -4,6 +4,11 @@ the command line, and the machine's load, by which a measurement is marked as ta
 A figure is published only from a run in which no case is marked: other processes on the cores
 slow torch's OpenMP team (which waits for its slowest thread) far more than XLA, so ratios to
 torch measured under load come out too low.
+
+The 1-minute load average is recorded before and after every measurement, but it cannot decide the
+mark: the benchmark itself keeps every core busy, so on a quiet 2-core machine the load reads about
+2. What decides is how many cores *other* processes kept busy during the measurement: the machine's
+busy CPU time (``/proc/stat``, steal included) minus this process's own, over the wall time.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import flax
@@ -25,7 +31,7 @@ import torch
 from experiments.bench import adapters
 from experiments.bench.cases import CASES
 
-LOADED_FRACTION = 0.5  # a case is "loaded" when the 1-minute load exceeds this x the cores
+OTHERS_FRACTION = 0.25  # marked when other processes kept more than this x the cores busy
 
 
 def load_average() -> float:
@@ -33,23 +39,67 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def is_loaded(start: float, end: float, cores: int) -> bool:
-    """Whether a measurement between two 1-minute load readings shared the CPU with other work.
+def cpu_times() -> tuple[float, float, float] | None:
+    """``(machine busy, own, wall)`` seconds: CPU time every core spent busy (steal included), CPU
+    time of this process and its waited-for children, and a monotonic clock; None without
+    ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+    own = os.times()
+    own_s = own.user + own.system + own.children_user + own.children_system
+    return busy / os.sysconf("SC_CLK_TCK"), own_s, time.monotonic()
 
-    >>> is_loaded(0.3, 0.9, cores=2), is_loaded(0.3, 1.1, cores=2)
-    (False, True)
+
+def others_cores(start, end) -> float | None:
+    """How many cores other processes kept busy on average between two :func:`cpu_times`.
+
+    >>> others_cores((100.0, 10.0, 50.0), (104.0, 12.0, 52.0))  # 4 s busy, 2 s ours, over 2 s
+    1.0
     """
-    return max(start, end) > LOADED_FRACTION * cores
+    if start is None or end is None or end[2] <= start[2]:
+        return None
+    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / (end[2] - start[2]))
 
 
-def load_record(start: float, end: float, cores: int | None = None) -> dict:
-    """The JSON fields of a measurement's load: both readings and whether it counts as loaded.
+def is_loaded(others: float | None, cores: int) -> bool:
+    """Whether other processes kept more than :data:`OTHERS_FRACTION` of the cores busy.
 
-    >>> load_record(1.5, 0.5, cores=4)
-    {'load_avg_1m': 1.5, 'load_avg_1m_end': 0.5, 'loaded': False}
+    >>> is_loaded(0.4, cores=2), is_loaded(0.6, cores=2), is_loaded(None, cores=2)
+    (False, True, False)
+    """
+    return others is not None and others > OTHERS_FRACTION * cores
+
+
+def load_record(start: float, end: float, others: float | None, cores: int | None = None) -> dict:
+    """The JSON fields of a measurement's load: the 1-minute load before and after, the cores
+    other processes kept busy, and whether it counts as loaded.
+
+    >>> load_record(1.5, 2.0, 0.1, cores=2)
+    {'load_avg_1m': 1.5, 'load_avg_1m_end': 2.0, 'others_cores': 0.1, 'loaded': False}
     """
     cores = cores or os.cpu_count() or 1
-    return {"load_avg_1m": start, "load_avg_1m_end": end, "loaded": is_loaded(start, end, cores)}
+    rounded = None if others is None else round(others, 2)
+    return {
+        "load_avg_1m": start,
+        "load_avg_1m_end": end,
+        "others_cores": rounded,
+        "loaded": is_loaded(others, cores),
+    }
+
+
+def load_now() -> tuple:
+    """What :func:`load_since` needs from the start of a measurement."""
+    return load_average(), cpu_times()
+
+
+def load_since(start: tuple, cores: int | None = None) -> dict:
+    """The :func:`load_record` of a measurement that began at ``start = load_now()``."""
+    others = others_cores(start[1], cpu_times())
+    return load_record(start[0], load_average(), others, cores)
 
 
 def cpu_info(cpuinfo: str) -> dict:

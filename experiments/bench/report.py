@@ -4,7 +4,7 @@ epoch; and the marks of measurements taken under load."""
 from __future__ import annotations
 
 from experiments.bench.adapters import IMPLS
-from experiments.bench.machine import LOADED_FRACTION
+from experiments.bench.machine import OTHERS_FRACTION
 
 LOADED_MARK = "*"
 
@@ -19,12 +19,15 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def load_cell(record: dict) -> str:
-    """The 1-minute load before–after a measurement, marked if it counts as loaded.
+    """The 1-minute load before–after a measurement (the benchmark's own threads included) and the
+    cores other processes kept busy meanwhile, marked if it counts as loaded.
 
-    >>> load_cell({"load_avg_1m": 0.31, "load_avg_1m_end": 2.5, "loaded": True})
-    '0.3–2.5 *'
+    >>> load_cell({"load_avg_1m": 0.31, "load_avg_1m_end": 2.5, "others_cores": 0.9, "loaded": True})
+    '0.3–2.5, others 0.90 *'
     """
     loads = f"{record['load_avg_1m']:.1f}–{record['load_avg_1m_end']:.1f}"
+    if record.get("others_cores") is not None:
+        loads += f", others {record['others_cores']:.2f}"
     return loads + (f" {LOADED_MARK}" if record["loaded"] else "")
 
 
@@ -33,9 +36,9 @@ def load_footnote(records: list[dict], cores: int) -> str:
     if not any(r["loaded"] for r in records):
         return ""
     return (
-        f"{LOADED_MARK} measured while the 1-minute load average exceeded {LOADED_FRACTION} x "
-        f"{cores} cores: other processes shared the CPU, and torch's OpenMP threads lose far more "
-        "to that than XLA's (ratios to torch come out too low); publish no figure from it"
+        f"{LOADED_MARK} measured while other processes kept more than {OTHERS_FRACTION} x {cores} "
+        "cores busy: torch's OpenMP threads lose far more to that than XLA's (ratios to torch "
+        "come out too low); publish no figure from it"
     )
 
 
@@ -44,7 +47,7 @@ def table(results: list[dict]) -> str:
     names = [n for n in IMPLS if any("median_s" in r["impls"].get(n, {}) for r in results)]
     others = [n for n in names if n != "torch"]
     head = ["case", "mode", *(f"{n} ms" for n in names), *(f"{n}/torch" for n in others)]
-    head += ["jlstm/flax", *(f"{n} compile s" for n in others), "load 1m"]
+    head += ["jlstm/flax", *(f"{n} compile s" for n in others), "load"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         t = {n: r["impls"].get(n, {}).get("median_s") for n in IMPLS}
