@@ -30,14 +30,12 @@ import optax
 
 from experiments import cli, input_pipeline, models, plots, training
 from experiments.cli import option, shared
-from experiments.mesh import check_batch_size, data_mesh, device_name, replicate, start_distributed
+from experiments.mesh import data_mesh, device_name, start_distributed
 from experiments.workdir import (
-    SUMMARY,
     Checkpoints,
     Workdir,
     run_in_workdir,
     saved_meta,
-    write_json,
 )
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -159,26 +157,13 @@ def _train(config: Config, workdir: Workdir, checkpoints: Checkpoints) -> dict:
     train_x, train_y, _ = load(config.dataset, "train", config.data_dir)
     test_x, test_y, label_names = load(config.dataset, "test", config.data_dir)
     n_train, n_test = len(train_y), len(test_y)
-    if config.batch_size > n_train:
-        raise cli.ExperimentError(
-            f"--batch-size {config.batch_size} is larger than the {n_train} training examples"
-        )
-    check_batch_size(config.batch_size, mesh)
-    steps_per_epoch = n_train // config.batch_size
+    steps_per_epoch = training.steps_per_epoch(config, n_train, "examples", mesh)
     test_data = input_pipeline.eval_batches(mesh, EVAL_BATCH, test_x, test_y)
-
-    chunk = training.chunk_length(steps_per_epoch, config.eval_every)
-    tx, train_chunk, evaluate = training.compiled(
-        dataclasses.replace(config, **UNCOMPILED),
-        logits_fn,
-        make_step,
-        config.epochs * steps_per_epoch,
-        chunk,
-        mesh,
-    )
     params = init_params(config)
-    state = replicate((params, tx.init(params)), mesh)
-    state, at = training.resume(checkpoints, workdir, state, meta, config.epochs)
+    train_chunk, evaluate, chunk, state, at = training.start(
+        config, UNCOMPILED, logits_fn, make_step, steps_per_epoch, params, mesh,
+        (checkpoints, workdir, meta),
+    )  # fmt: skip
     print(
         f"{config.dataset}: {n_train} train / {n_test} test images; {config.cell} "
         f"{config.hidden_size}x{config.num_layers}, {training.num_params(params)} parameters; "
@@ -235,10 +220,7 @@ def _train(config: Config, workdir: Workdir, checkpoints: Checkpoints) -> dict:
     if not workdir.primary:
         return {}
 
-    records = workdir.metrics.records()
-    summary = training.epoch_summary(config, at, records, state[0], mesh)
-    write_json(workdir / SUMMARY, summary)
-    write_curves(records)
+    summary = training.finish(config, at, state, mesh, workdir, write_curves)
     accuracy = summary["test_accuracy"]
     plot_predictions(
         workdir / "predictions.png",
@@ -248,10 +230,6 @@ def _train(config: Config, workdir: Workdir, checkpoints: Checkpoints) -> dict:
         label_names,
         title=f"{config.dataset} test images: predicted / true "
         f"(accuracy {accuracy:.2%} on all {n_test})",
-    )
-    print(
-        f"test accuracy {accuracy:.2%} after {config.epochs} epochs, "
-        f"{summary['train_seconds']:.0f} s of training; wrote {workdir.path}"
     )
     return summary
 

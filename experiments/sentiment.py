@@ -42,14 +42,12 @@ import optax
 import jlstm
 from experiments import cli, input_pipeline, models, plots, training
 from experiments.cli import option, shared
-from experiments.mesh import check_batch_size, data_mesh, device_name, replicate, start_distributed
+from experiments.mesh import data_mesh, device_name, start_distributed
 from experiments.workdir import (
-    SUMMARY,
     Checkpoints,
     Workdir,
     run_in_workdir,
     saved_meta,
-    write_json,
 )
 
 EVAL_BATCH = 500  # test reviews per forward pass in evaluation (bounds its memory)
@@ -245,11 +243,7 @@ def _train(config: Config, workdir: Workdir, checkpoints: Checkpoints) -> dict:
     train_texts, train_y = load(config.dataset, "train", config.data_dir)
     test_texts, test_y = load(config.dataset, "test", config.data_dir)
     n_train, n_test = len(train_y), len(test_y)
-    if config.batch_size > n_train:
-        raise cli.ExperimentError(
-            f"--batch-size {config.batch_size} is larger than the {n_train} training reviews"
-        )
-    check_batch_size(config.batch_size, mesh)
+    steps_per_epoch = training.steps_per_epoch(config, n_train, "reviews", mesh)
     tokenizer_path = workdir / TOKENIZER
     if meta is None:  # a new run learns its vocabulary; a resumed one reads it back
         tokenizer = input_pipeline.train_tokenizer(train_texts, config.vocab_size)
@@ -263,22 +257,12 @@ def _train(config: Config, workdir: Workdir, checkpoints: Checkpoints) -> dict:
         )
     train_x, lengths = input_pipeline.encode(tokenizer, train_texts, config.max_len)
     test_x, _ = input_pipeline.encode(tokenizer, test_texts, config.max_len)
-
-    steps_per_epoch = n_train // config.batch_size
     test_data = input_pipeline.eval_batches(mesh, min(EVAL_BATCH, n_test), test_x, test_y)
-
-    chunk = training.chunk_length(steps_per_epoch, config.eval_every)
-    tx, train_chunk, evaluate = training.compiled(
-        dataclasses.replace(config, **UNCOMPILED),
-        logits_fn,
-        make_step,
-        config.epochs * steps_per_epoch,
-        chunk,
-        mesh,
-    )
     params = init_params(config, tokenizer.get_vocab_size())
-    state = replicate((params, tx.init(params)), mesh)
-    state, at = training.resume(checkpoints, workdir, state, meta, config.epochs)
+    train_chunk, evaluate, chunk, state, at = training.start(
+        config, UNCOMPILED, logits_fn, make_step, steps_per_epoch, params, mesh,
+        (checkpoints, workdir, meta),
+    )  # fmt: skip
     print(
         f"{config.dataset}: {n_train} train / {n_test} test reviews; vocabulary of "
         f"{tokenizer.get_vocab_size()} tokens; median review {np.median(lengths):.0f} "
@@ -336,17 +320,14 @@ def _train(config: Config, workdir: Workdir, checkpoints: Checkpoints) -> dict:
 
     if not workdir.primary:
         return {}
-    records = workdir.metrics.records()
-    summary = training.epoch_summary(config, at, records, state[0], mesh)
-    summary |= {"train_accuracy": records[-1]["train_accuracy"],
-                "vocab_size": tokenizer.get_vocab_size()}  # fmt: skip
-    write_json(workdir / SUMMARY, summary)
-    write_curves(records)
-    print(
-        f"test accuracy {summary['test_accuracy']:.2%} after {config.epochs} epochs, "
-        f"{summary['train_seconds']:.0f} s of training; wrote {workdir.path}"
-    )
-    return summary
+
+    def extra(records: list[dict]) -> dict:
+        return {
+            "train_accuracy": records[-1]["train_accuracy"],
+            "vocab_size": tokenizer.get_vocab_size(),
+        }
+
+    return training.finish(config, at, state, mesh, workdir, write_curves, extra)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from experiments import preemption
-from experiments.mesh import batch_sharded, device_name, replicated
-from experiments.workdir import Checkpoints, Workdir
+from experiments import cli, preemption
+from experiments.mesh import batch_sharded, check_batch_size, device_name, replicate, replicated
+from experiments.workdir import SUMMARY, Checkpoints, Workdir, write_json
 
 
 def chunk_length(steps_per_epoch: int, eval_every: int) -> int:
@@ -252,6 +252,65 @@ def compiled(
     tx = optimizer(config.lr, total_steps, schedule=config.schedule, grad_clip=config.grad_clip)
     evaluate = jit_evaluate(functools.partial(logits_fn, config), mesh)
     return tx, jit_chunk(make_step(config, tx), chunk, mesh), evaluate
+
+
+def steps_per_epoch(config: Any, n_train: int, what: str, mesh: Mesh) -> int:
+    """Full batches of ``config.batch_size`` in ``n_train`` examples (``what``: "images"); raises
+    :class:`~experiments.cli.ExperimentError` if there is none or the batch does not split over
+    ``mesh``."""
+    if config.batch_size > n_train:
+        raise cli.ExperimentError(
+            f"--batch-size {config.batch_size} is larger than the {n_train} training {what}"
+        )
+    check_batch_size(config.batch_size, mesh)
+    return n_train // config.batch_size
+
+
+def start(
+    config: Any,
+    uncompiled: dict,
+    logits_fn: Callable,
+    make_step: Callable,
+    steps: int,
+    params: Any,
+    mesh: Mesh,
+    run: tuple[Checkpoints, Workdir, dict | None],
+) -> tuple[Callable, Callable, int, Any, Position]:
+    """What an epoch-based program needs before its loop: ``(train_chunk, evaluate, chunk, state,
+    at)``, :func:`compiled` for ``config`` with the fields in ``uncompiled`` fixed, and the
+    replicated ``(params, optimizer state)`` resumed from ``run = (checkpoints, workdir, meta)``
+    (``steps`` per epoch)."""
+    chunk = chunk_length(steps, config.eval_every)
+    fixed = dataclasses.replace(config, **uncompiled)
+    tx, train_chunk, evaluate = compiled(
+        fixed, logits_fn, make_step, config.epochs * steps, chunk, mesh
+    )
+    checkpoints, workdir, meta = run
+    state = replicate((params, tx.init(params)), mesh)
+    state, at = resume(checkpoints, workdir, state, meta, config.epochs)
+    return train_chunk, evaluate, chunk, state, at
+
+
+def finish(
+    config: Any,
+    at: Position,
+    state: Any,
+    mesh: Mesh,
+    workdir: Workdir,
+    plot: Callable[[list[dict]], None],
+    extra: Callable[[list[dict]], dict] = lambda records: {},
+) -> dict:
+    """Writes ``summary.json`` (:func:`epoch_summary` and ``extra(records)``) and the final plot,
+    says so, and returns the summary."""
+    records = workdir.metrics.records()
+    summary = epoch_summary(config, at, records, state[0], mesh) | extra(records)
+    write_json(workdir / SUMMARY, summary)
+    plot(records)
+    print(
+        f"test accuracy {summary['test_accuracy']:.2%} after {config.epochs} epochs, "
+        f"{summary['train_seconds']:.0f} s of training; wrote {workdir.path}"
+    )
+    return summary
 
 
 def epoch_summary(config: Any, at: Position, records: list[dict], params: Any, mesh: Mesh) -> dict:
