@@ -161,7 +161,8 @@ def test_golden_files_hold_views_of_shared_storages():
 def test_readme_example_runs_without_torch(tmp_path):
     """The README's porting example, run where torch cannot be imported, gives torch's logits."""
     readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    section = readme.split("## Porting a PyTorch checkpoint", 1)[-1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
     example = [b for b in blocks if "jlstm.load_torch(" in b and "save_torch" in b]
     assert len(example) == 1, "README: expected one python example that loads and saves a file"
     golden = tmp_path / "tests" / "golden" / "torch_files"
