@@ -128,25 +128,13 @@ def _kinds(kinds) -> str:
 # How each entry runs a direction
 
 
-def _masked(step, carry, inputs):
-    """A step that leaves the carry untouched and outputs zeros where ``valid`` is False, so a
-    sequence's state freezes after its last element (forward) or stays initial until its last
-    element is reached (reverse scan): exactly torch's packed-sequence semantics."""
-    xw_t, valid = inputs
-    new_carry, y = step(carry, xw_t)
-    new_carry = jax.tree.map(lambda new, old: jnp.where(valid, new, old), new_carry, carry)
-    return new_carry, jnp.where(valid, y, jnp.zeros_like(y))
-
-
 def _scan_direction(kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoist, platform):
     """Plain autodiff through ``lax.scan`` over the cell (every kind, proj_size included)."""
     del hoist, platform
     carry = loops.vary_like(carry, w, x)
     xw, b_hn = cells.input_projection(kind, w, x)
     step = cells.step_fn(kind, w, b_hn, nonlinearity)
-    if valid is None:
-        return lax.scan(step, carry, xw, reverse=reverse, unroll=unroll)
-    return lax.scan(partial(_masked, step), carry, (xw, valid), reverse=reverse, unroll=unroll)
+    return loops.masked_scan(step, carry, xw, valid, reverse, unroll)
 
 
 def _loop_direction(module, kind, w, x, carry, valid, reverse, speed=()):

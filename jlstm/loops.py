@@ -141,18 +141,29 @@ def previous(hs: jax.Array, h0: jax.Array, reverse: bool) -> jax.Array:
 # The reference: one direction as plain lax.scan, in the loops' argument layout
 
 
-def _scan(step, carry, x, valid, reverse):
+def masked_scan(step, carry, xs, valid, reverse, unroll=1):
+    """``lax.scan(step, carry, xs)`` with torch's packed-sequence semantics where ``valid`` (``(L,
+    N, 1)`` bool, or None for none) is False: the carry stays as it was and the output is zero, so a
+    sequence's state freezes after its last element (forward) or stays initial until its last
+    element is reached (reverse).
+
+    >>> import jax.numpy as jnp
+    >>> step = lambda c, x: (c + x, c + x)
+    >>> valid = jnp.array([True, True, False])[:, None, None]
+    >>> c, ys = masked_scan(step, jnp.zeros((1, 1)), jnp.ones((3, 1, 1)), valid, False)
+    >>> c[0, 0], ys[:, 0, 0]
+    (Array(2., dtype=float32), Array([1., 2., 0.], dtype=float32))
+    """
+
     def masked(carry, inputs):
         x_t, valid_t = inputs
         new, y = step(carry, x_t)
-        if valid_t is None:
-            return new, y
         keep = jax.tree.map(lambda n, o: jnp.where(valid_t, n, o), new, carry)
         return keep, jnp.where(valid_t, y, jnp.zeros_like(y))
 
-    xs = (x, valid) if valid is not None else x
-    body = masked if valid is not None else (lambda c, x_t: masked(c, (x_t, None)))
-    return lax.scan(body, carry, xs, reverse=reverse)
+    if valid is None:
+        return lax.scan(step, carry, xs, reverse=reverse, unroll=unroll)
+    return lax.scan(masked, carry, (xs, valid), reverse=reverse, unroll=unroll)
 
 
 def lstm_reference(w_ih, w_hh, bias, x, h0, c0, valid, reverse=False):
@@ -173,7 +184,7 @@ def lstm_reference(w_ih, w_hh, bias, x, h0, c0, valid, reverse=False):
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
         return (h, c), h
 
-    (h, c), ys = _scan(step, (h0, c0), x, valid, reverse)
+    (h, c), ys = masked_scan(step, (h0, c0), x, valid, reverse)
     return ys, h, c
 
 
@@ -196,7 +207,7 @@ def gru_reference(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse=False):
         h = n + z * (h - n)
         return h, h
 
-    h, ys = _scan(step, h0, x, valid, reverse)
+    h, ys = masked_scan(step, h0, x, valid, reverse)
     return ys, h
 
 
