@@ -188,6 +188,14 @@ def _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
 # streamed from memory every step, while XLA's GEMMs keep scaling with cores, hence a limit.
 WEIGHTS_IN_LOOP_BYTES = 2 * 1024 * 1024
 
+# ... and only for a batch of at least this many rows: each step reads and writes a thread's rows
+# once to add `batch` multiply-adds into every entry, which at a batch of 1 or 2 (a matrix-vector
+# recurrence, streaming) costs more than handing the gate gradients to one whole-sequence GEMM.
+# Measured 2026-12-01 on the same CPU (T=128, I=64, a train step, processes alternated, 3 rounds):
+# gates out took 0.53-0.61 of the time in the loop at batch 1 with H=256, 0.6-0.9 at batch 2, and
+# 1.05-1.2 at batch 3; at H=64 the two were level.
+WEIGHTS_IN_LOOP_MIN_BATCH = 3
+
 
 def _threads() -> int:
     env = os.environ.get("JLSTM_NATIVE_THREADS", "")
@@ -195,9 +203,16 @@ def _threads() -> int:
 
 
 def weights_in_loop(x, w_hh) -> bool:
-    """Whether the backward loop forms the weight gradients itself (see WEIGHTS_IN_LOOP_BYTES);
-    ``w_hh`` is ``(G*H, H)`` for G gates."""
+    """Whether the backward loop forms the weight gradients itself (see WEIGHTS_IN_LOOP_BYTES and
+    WEIGHTS_IN_LOOP_MIN_BATCH); ``x`` is ``(L, N, I)``, ``w_hh`` is ``(G*H, H)`` for G gates.
+
+    >>> x, w_hh = jnp.zeros((128, 1, 64)), jnp.zeros((4 * 256, 256))
+    >>> weights_in_loop(x, w_hh), weights_in_loop(jnp.zeros((128, 16, 64)), w_hh)
+    (False, True)
+    """
     gates, hidden = w_hh.shape
+    if x.shape[1] < WEIGHTS_IN_LOOP_MIN_BATCH:
+        return False
     rows = gates / min(_threads(), max(1, hidden // 16))
     return rows * (x.shape[-1] + hidden) * x.dtype.itemsize <= WEIGHTS_IN_LOOP_BYTES
 

@@ -60,9 +60,10 @@ SIZES = [(1, 1, 1, 1), (4, 9, 3, 15), (3, 2, 5, 16), (5, 3, 1, 17), (6, 17, 7, 3
 @pytest.fixture(params=["weights-in-loop", "gates-out"])
 def backward(request, monkeypatch):
     """Both ways the backward kernel can end: weight gradients summed in the loop, or every step's
-    gate gradients handed to XLA (jlstm.native.WEIGHTS_IN_LOOP_BYTES chooses by size)."""
-    limit = native.WEIGHTS_IN_LOOP_BYTES if request.param == "weights-in-loop" else 0
-    monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_BYTES", limit)
+    gate gradients handed to XLA (jlstm.native.weights_in_loop chooses by size and batch)."""
+    in_loop = request.param == "weights-in-loop"
+    monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_BYTES", native.WEIGHTS_IN_LOOP_BYTES if in_loop else 0)
+    monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_MIN_BATCH", 1)  # batch 1 and 2 in the loop too
     jax.clear_caches()  # the layer stack is jitted: retrace with the setting
     yield request.param
     jax.clear_caches()
@@ -75,6 +76,19 @@ def test_each_backward_is_taken(kind, backward):
     text = jax.jit(jax.grad(loss)).lower(params).as_text()
     assert (f"jlstm_{kind}_backward_gates" in text) == (backward == "gates-out")
     assert f"jlstm_{kind}_backward" in text
+
+
+@KINDS
+@pytest.mark.parametrize("batch", [1, 2, 3, 8])
+def test_default_backward_by_batch(kind, batch):
+    """With the defaults, a batch of 1 or 2 hands its gate gradients to XLA (a step of the loop
+    would read and write every weight-gradient row for one or two multiply-adds), 3 and more sum
+    the weight gradients in the loop."""
+    jax.clear_caches()
+    params, x, state = _problem(kind, 3, batch, 4, 5, jnp.float32)
+    loss = lambda p: jnp.sum(LAYERS[kind][0](p, x, state)[0])  # noqa: E731
+    text = jax.jit(jax.grad(loss)).lower(params).as_text()
+    assert (f"jlstm_{kind}_backward_gates" in text) == (batch < 3)
 
 
 @pytest.mark.parametrize(
