@@ -62,7 +62,9 @@ def backward(request, monkeypatch):
     """Both ways the backward kernel can end: weight gradients summed in the loop, or every step's
     gate gradients handed to XLA (jlstm.native.weights_in_loop chooses by size and batch)."""
     in_loop = request.param == "weights-in-loop"
-    monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_BYTES", native.WEIGHTS_IN_LOOP_BYTES if in_loop else 0)
+    monkeypatch.setattr(
+        native, "WEIGHTS_IN_LOOP_BYTES", native.WEIGHTS_IN_LOOP_BYTES if in_loop else 0
+    )
     monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_MIN_BATCH", 1)  # batch 1 and 2 in the loop too
     jax.clear_caches()  # the layer stack is jitted: retrace with the setting
     yield request.param
