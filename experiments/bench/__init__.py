@@ -13,10 +13,13 @@ compile time (trace + lower + compile) is measured apart. "fwd" is the forward p
 ``inference_mode``); "train" is forward + backward of ``sum(output * cotangent)``, gradients with
 respect to the parameters and the input. Results print as a markdown table and go to
 ``runs/bench/bench.json``. Each measurement records the machine's 1-minute load before and after
-it; one taken while the load exceeded half the cores is marked ``*`` (``"loaded": true``).
+it and the cores other processes kept busy meanwhile; one taken while they kept more than a quarter
+of the cores busy is marked ``*`` (``"loaded": true``). On CPU the run first measures the machine's
+float32 GEMM peak (torch, XLA and numpy; ``--no-peak`` skips it) and holds each case against it.
 
 The package: ``cases`` (the one table of benchmark cases), ``adapters`` (torch, jlstm, flax and
 cuDNN on the same weights), ``timing`` (comparison with torch, round-robin timing), ``memory``
 (train-step peak memory), ``epoch`` (a whole MNIST epoch), ``machine`` (CPU, versions, load),
-``report`` (tables), ``cli`` (flags; each case checked, then timed; the run).
+``peak`` (the GEMM peak and the targets), ``report`` (tables), ``cli`` (flags; each case checked,
+then timed; the run).
 """

@@ -13,7 +13,7 @@ import jax
 import torch
 
 from experiments import bench
-from experiments.bench import adapters, machine, report
+from experiments.bench import adapters, machine, peak, report
 from experiments.bench.adapters import IMPLS
 from experiments.bench.cases import BENCH_CASES, CASES, MODES, QUICK_CASES, Case
 from experiments.bench.epoch import bench_epoch
@@ -21,9 +21,12 @@ from experiments.bench.memory import bench_memory, torch_memory_child
 from experiments.bench.timing import max_rel_err, time_round_robin
 
 
-def bench_case(name: str, case: Case, mode: str, impl_names: list[str], args) -> dict:
+def bench_case(
+    name: str, case: Case, mode: str, impl_names: list[str], args, gemm_peak: dict | None
+) -> dict:
     """One (case, mode): every implementation that applies is checked against torch (the first
-    of `impl_names`), and those that agree are timed side by side."""
+    of `impl_names`), and those that agree are timed side by side, and held against the machine's
+    GEMM peak where it was measured."""
     load = machine.load_now()
     module, x, cot = adapters.setup(case, args.torch_device)
     tol = adapters.tolerance()
@@ -47,6 +50,8 @@ def bench_case(name: str, case: Case, mode: str, impl_names: list[str], args) ->
         impls[impl_name] = impl
     for impl_name, timing in time_round_robin(impls, args.samples, args.sample_s).items():
         record["impls"][impl_name] |= timing
+    if gemm_peak is not None:
+        record |= peak.judge(record, case, mode, gemm_peak)
     # Other processes on the cores skew the ratios (torch's OpenMP team loses more than XLA).
     return record | machine.load_since(load)
 
@@ -72,6 +77,9 @@ def parse_args(argv=None):
         "--memory-cases", default="long", help="cases whose train-step peak memory is measured"
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument(
+        "--no-peak", action="store_true", help="skip measuring the machine's float32 GEMM peak"
+    )
     p.add_argument("--memory-child", metavar="CASE", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
@@ -113,18 +121,25 @@ def main(argv=None):
         f"{cpu}, {device['cpu_count']} cores, load {device['load_avg_1m_at_start']:.2f}; "
         f"jaxlib {versions['jaxlib']}, flax {versions['flax']}; {env['command']}"
     )
-    results, start = [], time.perf_counter()
+    results, start, gemm_peak = [], time.perf_counter(), None
+    if args.torch_device == "cpu" and not args.no_peak:
+        load = machine.load_now()
+        gemm_peak = peak.measure(args.cases, args.samples, args.sample_s)
+        gemm_peak |= machine.load_since(load)
+        print(peak.line(gemm_peak) + f" (load {report.load_cell(gemm_peak)})", flush=True)
     for name in args.cases:
         for mode in args.modes:
             print(f"{name} {mode} {tuple(CASES[name])}", flush=True)
-            results.append(bench_case(name, CASES[name], mode, args.impls, args))
+            results.append(bench_case(name, CASES[name], mode, args.impls, args, gemm_peak))
             print(report.table(results[-1:]).splitlines()[-1], flush=True)
     epoch = None if args.no_epoch else bench_epoch(args)
     memory = bench_memory(args)
     env["total_s"] = time.perf_counter() - start
-    timed = results + ([epoch] if epoch else [])
+    timed = results + ([epoch] if epoch else []) + ([gemm_peak] if gemm_peak else [])
     cores = os.cpu_count() or 1
     print("\n" + report.table(results))
+    if gemm_peak is not None:
+        print("\n" + peak.line(gemm_peak))
     if memory:
         print(
             "\nMemory of one train step, MiB beyond its inputs (JAX: XLA temp + output buffers;"
@@ -138,6 +153,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = env | {"results": results, "mnist_epoch": epoch, "peak_memory": memory}
+    record["gemm_peak"] = gemm_peak
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"\nwrote {out} ({env['total_s']:.0f} s)")
     if loaded := [r for r in timed if r["loaded"]]:
