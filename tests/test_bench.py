@@ -14,7 +14,7 @@ pytest.importorskip("flax")
 pytest.importorskip("optax")
 
 import jlstm  # noqa: E402
-from experiments.bench import adapters, cases, cli, machine, report, timing  # noqa: E402
+from experiments.bench import adapters, cases, cli, machine, peak, report, timing  # noqa: E402
 
 
 def test_bench_writes_checked_timings_and_memory(tmp_path, capsys, monkeypatch):
@@ -38,6 +38,14 @@ def test_bench_writes_checked_timings_and_memory(tmp_path, capsys, monkeypatch):
             assert impl["max_rel_err"] < 1e-4 and "error" not in impl
             assert len(impl["samples_s"]) == 2 and impl["median_s"] > 0
             assert impl["cpu_median_s"] > 0
+        # held against the machine's GEMM peak, measured first (in a child process)
+        assert 0 < record["torch_of_peak"] < 2 and 0 < record["jlstm_of_peak"] < 2
+        assert record["target"].startswith(("≤ 0.85: ", "≤ 1, ≥ 90 % of step GEMM: "))
+        assert set(record["gflops"]) == {"torch", "jlstm", "flax"}
+    gemm = report_["gemm_peak"]
+    assert set(gemm["square"]) == {"torch.mm", "xla dot", "numpy @"}
+    assert gemm["peak_gflops"] == max(gemm["square"].values()) > 0
+    assert gemm["steps"]["mnist"]["shape"] == [64, 28 + 64, 4 * 64]
     memory = report_["peak_memory"]["mnist"]
     assert set(memory) == {"torch", "jlstm", "jlstm checkpoint_every=16", "flax"}
     assert all(v > 0 for v in memory.values()), memory
@@ -45,6 +53,7 @@ def test_bench_writes_checked_timings_and_memory(tmp_path, capsys, monkeypatch):
     assert report_["command"].endswith(" -m experiments.bench " + " ".join(argv))
     printed = capsys.readouterr().out
     assert "| mnist | train |" in printed and "jlstm/torch" in printed
+    assert "jlstm % of step GEMM" in printed and "-> peak" in printed
     assert "| mnist |" in printed.split("Memory of one train step")[1]
     assert report.LOADED_MARK not in printed and "WARNING" not in printed
 
@@ -192,7 +201,7 @@ def test_gpu_only_columns_are_left_out_on_cpu():
     assert "impl='cudnn'" in adapters.jlstm_refusal("cudnn", case)
 
 
-@pytest.mark.parametrize("module", [cases, machine, report, timing], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [cases, machine, peak, report, timing], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     """experiments/ is outside the doctest paths (it needs torch); the bench's examples run here."""
     failed, attempted = doctest.testmod(module)

@@ -102,37 +102,55 @@ class PackedB {
   }
 
  private:
-  // acc[i] += A[i, :] @ bp[rows] for A's rows i < MR: the register tile's inner loop.
-  template <int MR>
-  static void accumulate(Vec<T> (&acc)[MR][2], const T* a, int64_t lda, const T* bp,
+  // acc[r % KS][i] += A[i, r] * bp[r] for A's rows i < MR: the register tile's inner loop. A
+  // vector FMA waits on the one before it into the same accumulator (4 cycles on current x86
+  // cores, which start two a cycle), so a tile of few rows (a batch of 1-3: a matrix-vector
+  // product per step) also splits k over KS partial sums to keep eight or more FMAs in flight.
+  template <int MR, int KS>
+  static void accumulate(Vec<T> (&acc)[KS][MR][2], const T* a, int64_t lda, const T* bp,
                          int64_t rows) {
-    for (int64_t r = 0; r < rows; ++r) {
-      Vec<T> b0, b1;
-      std::memcpy(&b0, bp + r * kNR, sizeof(b0));
-      std::memcpy(&b1, bp + r * kNR + kW, sizeof(b1));
+    int64_t r = 0;
+    for (; r + KS <= rows; r += KS)
+#pragma GCC unroll 4
+      for (int s = 0; s < KS; ++s) step<MR>(acc[s], a + r + s, lda, bp + (r + s) * kNR);
+    for (; r < rows; ++r) step<MR>(acc[0], a + r, lda, bp + r * kNR);
+  }
+
+  template <int MR>
+  static void step(Vec<T> (&acc)[MR][2], const T* a, int64_t lda, const T* b) {
+    Vec<T> b0, b1;
+    std::memcpy(&b0, b, sizeof(b0));
+    std::memcpy(&b1, b + kW, sizeof(b1));
 #pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        const T ai = a[i * lda + r];
-        acc[i][0] += ai * b0;
-        acc[i][1] += ai * b1;
-      }
+    for (int i = 0; i < MR; ++i) {
+      const T ai = a[i * lda];
+      acc[i][0] += ai * b0;
+      acc[i][1] += ai * b1;
     }
   }
 
   template <int MR>
   void tile(const T* a1, int64_t lda1, const T* a2, int64_t lda2, const T* bp, T* c, int64_t ldc,
             int64_t cols) const {
-    Vec<T> acc[MR][2] = {};
-    accumulate<MR>(acc, a1, lda1, bp, split_);
-    accumulate<MR>(acc, a2, lda2, bp + split_ * kNR, k_ - split_);
+    constexpr int KS = MR >= 4 ? 1 : MR == 1 ? 4 : 2;
+    Vec<T> acc[KS][MR][2] = {};
+    accumulate<MR, KS>(acc, a1, lda1, bp, split_);
+    accumulate<MR, KS>(acc, a2, lda2, bp + split_ * kNR, k_ - split_);
+#pragma GCC unroll 4
+    for (int s = 1; s < KS; ++s)
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        acc[0][i][0] += acc[s][i][0];
+        acc[0][i][1] += acc[s][i][1];
+      }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       if (cols == kNR) {
-        std::memcpy(c + i * ldc, &acc[i][0], sizeof(acc[i][0]));
-        std::memcpy(c + i * ldc + kW, &acc[i][1], sizeof(acc[i][1]));
+        std::memcpy(c + i * ldc, &acc[0][i][0], sizeof(acc[0][i][0]));
+        std::memcpy(c + i * ldc + kW, &acc[0][i][1], sizeof(acc[0][i][1]));
       } else {
         T row[kNR];
-        std::memcpy(row, acc[i], sizeof(row));
+        std::memcpy(row, acc[0][i], sizeof(row));
         std::copy(row, row + cols, c + i * ldc);
       }
     }
