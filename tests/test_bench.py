@@ -14,7 +14,16 @@ pytest.importorskip("flax")
 pytest.importorskip("optax")
 
 import jlstm  # noqa: E402
-from experiments.bench import adapters, cases, cli, machine, peak, report, timing  # noqa: E402
+from experiments.bench import (  # noqa: E402
+    adapters,
+    cases,
+    cli,
+    compare,
+    machine,
+    peak,
+    report,
+    timing,
+)
 
 
 def test_bench_writes_checked_timings_and_memory(tmp_path, capsys, monkeypatch):
@@ -206,3 +215,18 @@ def test_docstring_examples(module):
     """experiments/ is outside the doctest paths (it needs torch); the bench's examples run here."""
     failed, attempted = doctest.testmod(module)
     assert (failed, attempted > 0) == (0, True)
+
+
+def test_compare_reports_the_spread_between_two_runs(tmp_path, capsys):
+    def run(jlstm_ms, date):
+        impls = {"torch": {"median_s": 2e-3}, "jlstm": {"median_s": jlstm_ms * 1e-3}, "flax": {}}
+        return {"date": date, "results": [{"case": "mnist", "mode": "fwd", "impls": impls}]}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(run(1.6, "A")))
+    b.write_text(json.dumps(run(1.8, "B")))
+    assert compare.main([str(a), str(b)]) == 0
+    printed = capsys.readouterr().out
+    assert "| mnist | fwd | jlstm/torch | 0.80 | 0.90 | +0.10 |" in printed
+    assert "largest difference: +0.10 (mnist fwd jlstm/torch)" in printed
+    assert compare.main([str(a)]) == 2

@@ -1,0 +1,60 @@
+"""``python -m experiments.bench.compare A.json B.json``: how far two ``make bench`` runs lie apart.
+
+Prints, for every (case, mode) both runs timed, each run's jlstm/torch and jlstm/flax ratios and
+the difference between them, then the largest difference: the run-to-run spread that a figure from
+one run should be read with. Two consecutive quiet runs on the same machine measure the benchmark's
+own noise; a run before and after a change measures the change against it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RATIOS = (("jlstm", "torch"), ("jlstm", "flax"))
+
+
+def ratios(record: dict) -> dict[str, float]:
+    """``{"jlstm/torch": ..., "jlstm/flax": ...}`` of one (case, mode) record, where both were timed.
+
+    >>> ratios({"impls": {"torch": {"median_s": 2.0}, "jlstm": {"median_s": 1.0}, "flax": {}}})
+    {'jlstm/torch': 0.5}
+    """
+    t = {name: impl.get("median_s") for name, impl in record["impls"].items()}
+    return {f"{a}/{b}": t[a] / t[b] for a, b in RATIOS if t.get(a) and t.get(b)}
+
+
+def spread(first: dict, second: dict) -> list[tuple[str, str, str, float, float]]:
+    """``(case, mode, ratio name, first, second)`` for every ratio both runs have."""
+    later = {(r["case"], r["mode"]): ratios(r) for r in second["results"]}
+    rows = []
+    for record in first["results"]:
+        key = (record["case"], record["mode"])
+        for name, value in ratios(record).items():
+            if name in later.get(key, {}):
+                rows.append((*key, name, value, later[key][name]))
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__.splitlines()[0], file=sys.stderr)
+        return 2
+    first, second = (json.loads(Path(p).read_text()) for p in argv)
+    rows = spread(first, second)
+    print(f"A: {argv[0]} ({first.get('date')}); B: {argv[1]} ({second.get('date')})")
+    print("| case | mode | ratio | A | B | B - A |\n|---|---|---|---|---|---|")
+    for case, mode, name, a, b in rows:
+        print(f"| {case} | {mode} | {name} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+    if rows:
+        worst = max(rows, key=lambda r: abs(r[4] - r[3]))
+        print(
+            f"largest difference: {worst[4] - worst[3]:+.2f} ({worst[0]} {worst[1]} {worst[2]}); "
+            f"median |B - A| {sorted(abs(r[4] - r[3]) for r in rows)[len(rows) // 2]:.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
