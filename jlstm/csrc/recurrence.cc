@@ -20,14 +20,17 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <new>
 #include <thread>
 #include <vector>
 
 #include <immintrin.h>
 #include <sched.h>
+#include <sys/mman.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -42,6 +45,107 @@ __attribute__((simd("notinbranch"))) double tanh(double) noexcept;
 }
 
 namespace {
+
+// ------------------------------------------------------------------------------------------------
+// Scratch memory: each thread's packed weights and step buffers come from a per-thread arena that
+// is kept from one call to the next. Allocated with malloc on every call, they were handed back to
+// the system when freed (glibc trims the top of a heap and unmaps large blocks), so every call
+// faulted its pages in again: about 450 page faults per training step of the mnist case, a fifth of
+// its time. The arena keeps its largest call's worth (at most kArenaKeep bytes) per thread.
+
+class Arena {
+ public:
+  static constexpr size_t kAlign = 64;
+  static constexpr size_t kArenaKeep = size_t(256) << 20;
+
+  static Arena& mine() {
+    thread_local Arena arena;
+    return arena;
+  }
+
+  void* take(size_t bytes) {
+    bytes = (bytes + kAlign - 1) / kAlign * kAlign;
+    if (used_ + bytes <= block_.size) {
+      void* p = block_.data + used_;
+      used_ += bytes;
+      return p;
+    }
+    overflow_.push_back(Block::make(bytes));  // until the next outermost scope ends
+    overflow_bytes_ += bytes;
+    return overflow_.back().data;
+  }
+
+  // Allocations taken inside a scope are released when it ends (scopes nest, like a stack).
+  class Scope {
+   public:
+    Scope() : arena_(mine()), mark_(arena_.used_) { ++arena_.depth_; }
+    ~Scope() {
+      arena_.used_ = mark_;
+      if (--arena_.depth_ == 0) arena_.settle();
+    }
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
+
+   private:
+    Arena& arena_;
+    size_t mark_;
+  };
+
+ private:
+  struct Block {
+    char* data = nullptr;
+    size_t size = 0;
+    static Block make(size_t bytes) {
+      Block b{static_cast<char*>(std::aligned_alloc(kAlign, bytes)), bytes};
+      if (b.data == nullptr) throw std::bad_alloc();
+      return b;
+    }
+    void release() {
+      std::free(data);
+      *this = Block{};
+    }
+  };
+
+  // Nothing is live: fold what overflowed into one block for the next call (within kArenaKeep).
+  void settle() {
+    const size_t wanted = block_.size + overflow_bytes_;
+    for (Block& b : overflow_) b.release();
+    overflow_.clear();
+    overflow_bytes_ = 0;
+    if (wanted > kArenaKeep) {
+      block_.release();
+    } else if (wanted > block_.size) {
+      block_.release();
+      block_ = Block::make(wanted);
+    }
+  }
+
+  ~Arena() {
+    block_.release();
+    for (Block& b : overflow_) b.release();
+  }
+
+  Block block_;
+  std::vector<Block> overflow_;
+  size_t overflow_bytes_ = 0, used_ = 0;
+  int depth_ = 0;
+};
+
+// A std::allocator drawing on the calling thread's arena (freeing is the scope's business).
+template <typename T>
+struct ArenaAllocator {
+  using value_type = T;
+  ArenaAllocator() = default;
+  template <typename U>
+  ArenaAllocator(const ArenaAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(Arena::mine().take(n * sizeof(T))); }
+  void deallocate(T*, size_t) {}
+  template <typename U>
+  bool operator==(const ArenaAllocator<U>&) const { return true; }
+};
+
+template <typename T>
+using Scratch = std::vector<T, ArenaAllocator<T>>;
 
 // ------------------------------------------------------------------------------------------------
 // GEMM with a fixed right operand: C (m x n) = A (m x k, row-major) @ B (k x n).
@@ -157,7 +261,7 @@ class PackedB {
   }
 
   int64_t k_, n_, split_;
-  std::vector<T> data_;
+  Scratch<T> data_;
 };
 
 // C (m x n) += A^T B for A (k x m) with row stride lda, B (k x n) row-major with n a whole number
@@ -290,7 +394,10 @@ int run_team(ffi::ThreadPool& pool, int n, double flops,
       if (arrival >= Team::kClosed) return;  // too late: the team went without us
       int size, spins = 0;
       while ((size = team->size.load(std::memory_order_acquire)) == 0) spin_pause(spins);
-      (*team->job)(arrival + 1, size);
+      {
+        Arena::Scope scratch;
+        (*team->job)(arrival + 1, size);
+      }
       team->finished.fetch_add(1, std::memory_order_acq_rel);
     });
   const double wait_us = std::clamp(flops / 80e3 / 8, 20.0, 2000.0);  // ~80 GFLOP/s per core
@@ -318,6 +425,22 @@ void unit_range(int64_t hidden, int k, int n, int64_t& first, int64_t& last) {
   const int64_t blocks = (hidden + 15) / 16;
   first = std::min(hidden, blocks * k / n * 16);
   last = std::min(hidden, blocks * (k + 1) / n * 16);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Result buffers: XLA allocates them afresh on every run, so with 4 KiB pages the loop's first write
+// to each page of a large result (the saved gates of a training forward, tens of MB) is a page
+// fault, and the kernel zeroes one page at a time. Asking for transparent huge pages over the
+// buffer before anything is written cuts the faults 512-fold where the system allows them on
+// request (transparent_hugepage "madvise", the default of most distributions; "always" needs no
+// request, "never" ignores it). Measured on a medium train step: 60,000 page faults a step without,
+// 5,000 with. Only whole aligned 2 MiB runs inside the buffer are marked; the hint changes nothing
+// about the values.
+void prefer_huge_pages(const void* data, size_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (data != nullptr && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -354,9 +477,14 @@ struct Buffers {
 // written; with it, every step's c, tanh(c) and gate activations are saved.
 template <typename T>
 void lstm_forward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
+  Arena::Scope scratch;  // this call's scratch on the calling thread
   const int64_t N = z.batch, I = z.input, H = z.hidden, G = 4 * H;
   const bool save = io.acts != nullptr;
   const int n = threads_for(H);
+  prefer_huge_pages(io.hs, z.length * N * H * sizeof(T));
+  if (save)
+    for (const T* out : {io.cs, io.tcs}) prefer_huge_pages(out, z.length * N * H * sizeof(T));
+  if (save) prefer_huge_pages(io.acts, z.length * N * G * sizeof(T));
   Barrier barrier;
   run_team(pool, n, 8.0 * z.length * N * (I + H) * H, [&](int k, int threads) {
     int64_t u0, u1;
@@ -367,7 +495,7 @@ void lstm_forward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
       const int64_t gate_row = col / nu * H + u0 + col % nu;
       return r < I ? io.w_ih[gate_row * I + r] : io.w_hh[gate_row * H + r - I];
     });
-    std::vector<T> pre(N * 4 * nu), bias(4 * nu), c_own, tc_own, a_own;
+    Scratch<T> pre(N * 4 * nu), bias(4 * nu), c_own, tc_own, a_own;
     for (int64_t g = 0; g < 4; ++g)
       std::copy(io.bias + g * H + u0, io.bias + g * H + u1, bias.begin() + g * nu);
     if (!save) {  // c of this thread's units, updated in place; scratch for tanh(c) and the gates
@@ -441,11 +569,13 @@ void lstm_forward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
 //   forms dW, db and dx as whole-sequence GEMMs on every core (large layers).
 template <typename T>
 void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
+  Arena::Scope scratch;  // this call's scratch on the calling thread
   const int64_t N = z.batch, I = z.input, H = z.hidden, G = 4 * H, K = I + H;
   const int64_t KP = (K + PackedB<T>::kNR - 1) / PackedB<T>::kNR * PackedB<T>::kNR;
   const int n = threads_for(H);
   const bool in_loop = io.dw_ih != nullptr;
-  std::vector<T> step_dgates(in_loop ? 2 * N * G : 0);  // the last two steps' gate gradients
+  Scratch<T> step_dgates(in_loop ? 2 * N * G : 0);  // the last two steps' gate gradients
+  prefer_huge_pages(in_loop ? io.dx : io.dgates, z.length * N * (in_loop ? I : G) * sizeof(T));
   Barrier barrier;
   run_team(pool, n, 8.0 * z.length * N * G * (K + H), [&](int k, int threads) {
     int64_t u0, u1, x0, x1;
@@ -456,8 +586,8 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
     const PackedB<T> w_ih_own(G, nx, G, [&](int64_t r, int64_t j) { return io.w_ih[r * I + x0 + j]; });
     // dh, dc of this thread's units; the GEMM's dh_{t-1}; [x_t, h_{t-1}] zero-padded to KP columns;
     // this thread's rows of [dW_ih dW_hh] (gate-major, KP columns) and of db.
-    std::vector<T> dh(N * nu), dc(N * nu), dh_prev(N * nu), v(in_loop ? N * KP : 0, T(0));
-    std::vector<T> dw(in_loop ? 4 * nu * KP : 0, T(0)), db(4 * nu, T(0));
+    Scratch<T> dh(N * nu), dc(N * nu), dh_prev(N * nu), v(in_loop ? N * KP : 0, T(0));
+    Scratch<T> dw(in_loop ? 4 * nu * KP : 0, T(0)), db(4 * nu, T(0));
     for (int64_t b = 0; b < N; ++b) {
       std::copy(io.dh_n + b * H + u0, io.dh_n + b * H + u1, &dh[b * nu]);
       std::copy(io.dc_n + b * H + u0, io.dc_n + b * H + u1, &dc[b * nu]);
@@ -551,8 +681,11 @@ struct GruBuffers {
 
 template <typename T>
 void gru_forward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io) {
+  Arena::Scope scratch;  // this call's scratch on the calling thread
   const int64_t N = z.batch, I = z.input, H = z.hidden, G = 3 * H;
   const bool save = io.acts != nullptr;
+  prefer_huge_pages(io.hs, z.length * N * H * sizeof(T));
+  if (save) prefer_huge_pages(io.acts, z.length * N * 4 * H * sizeof(T));
   Barrier barrier;
   run_team(pool, threads_for(H), 6.0 * z.length * N * (I + H) * H, [&](int k, int threads) {
     int64_t u0, u1;
@@ -561,7 +694,7 @@ void gru_forward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io)
     auto gate_row = [&](int64_t col) { return col / nu * H + u0 + col % nu; };
     const PackedB<T> wx(I, 3 * nu, I, [&](int64_t r, int64_t c) { return io.w_ih[gate_row(c) * I + r]; });
     const PackedB<T> wh(H, 3 * nu, H, [&](int64_t r, int64_t c) { return io.w_hh[gate_row(c) * H + r]; });
-    std::vector<T> px(N * 3 * nu), ph(N * 3 * nu), bias(3 * nu), a_own(save ? 0 : 4 * H);
+    Scratch<T> px(N * 3 * nu), ph(N * 3 * nu), bias(3 * nu), a_own(save ? 0 : 4 * H);
     for (int64_t g = 0; g < 3; ++g)
       std::copy(io.bias + g * H + u0, io.bias + g * H + u1, bias.begin() + g * nu);
     const T* bs = bias.data();
@@ -606,11 +739,17 @@ void gru_forward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io)
 // dxw = [dr, dz, dn] (the x side and the folded bias) and dhw = [dr, dz, dn * r] (the h side).
 template <typename T>
 void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io) {
+  Arena::Scope scratch;  // this call's scratch on the calling thread
   const int64_t N = z.batch, I = z.input, H = z.hidden, G = 3 * H;
   const auto padded = [](int64_t n) { return (n + PackedB<T>::kNR - 1) / PackedB<T>::kNR * PackedB<T>::kNR; };
   const int64_t IP = padded(I), HP = padded(H);
   const bool in_loop = io.dw_ih != nullptr;
-  std::vector<T> step(in_loop ? 4 * N * G : 0);  // [dxw, dhw] of the last two steps
+  Scratch<T> step(in_loop ? 4 * N * G : 0);  // [dxw, dhw] of the last two steps
+  if (in_loop) {
+    prefer_huge_pages(io.dx, z.length * N * I * sizeof(T));
+  } else {
+    for (const T* out : {io.dxw, io.dhw}) prefer_huge_pages(out, z.length * N * G * sizeof(T));
+  }
   Barrier barrier;
   run_team(pool, threads_for(H), 6.0 * z.length * N * G * (I + 2 * H), [&](int k, int threads) {
     int64_t u0, u1, x0, x1;
@@ -621,10 +760,10 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
     const PackedB<T> w_ih_own(G, nx, G, [&](int64_t r, int64_t j) { return io.w_ih[r * I + x0 + j]; });
     // dh of this thread's units, the GEMM's part of dh_{t-1} and the direct part (dh_total * z);
     // x_t and h_{t-1} zero-padded to whole panels; this thread's rows of dW_ih, dW_hh, db, db_hn.
-    std::vector<T> dh(N * nu), dh_prev(N * nu), direct(N * nu);
-    std::vector<T> vx(in_loop ? N * IP : 0, T(0)), vh(in_loop ? N * HP : 0, T(0));
-    std::vector<T> dwx(in_loop ? 3 * nu * IP : 0, T(0)), dwh(in_loop ? 3 * nu * HP : 0, T(0));
-    std::vector<T> db(3 * nu, T(0)), db_hn(nu, T(0));
+    Scratch<T> dh(N * nu), dh_prev(N * nu), direct(N * nu);
+    Scratch<T> vx(in_loop ? N * IP : 0, T(0)), vh(in_loop ? N * HP : 0, T(0));
+    Scratch<T> dwx(in_loop ? 3 * nu * IP : 0, T(0)), dwh(in_loop ? 3 * nu * HP : 0, T(0));
+    Scratch<T> db(3 * nu, T(0)), db_hn(nu, T(0));
     for (int64_t b = 0; b < N; ++b) std::copy(io.dh_n + b * H + u0, io.dh_n + b * H + u1, &dh[b * nu]);
     for (int64_t s = z.length - 1; s >= 0; --s) {
       const int64_t t = z.time(s);
