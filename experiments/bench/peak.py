@@ -5,9 +5,10 @@ the best float32 GEMM this machine does. :func:`measure` times, in a child proce
 library's spinning worker threads are left behind to slow the cases), ``torch.mm`` (oneDNN/MKL),
 XLA's dot (``jax.jit(jnp.dot)``) and numpy's ``@`` (the BLAS numpy ships, OpenBLAS on pip wheels),
 one library after the other with a pause between them, since each one's idle threads spin for a
-while after its last call and take cores from the next: on a square 2048 x 2048 x 2048 product, whose best figure is
-the *peak*, and on each case's per-step gate GEMM ``(batch, input + hidden) @ (input + hidden,
-gates * hidden)`` of its first layer, whose best is what a loop of that case's steps could reach.
+while after its last call and take cores from the next: on a square 2048 x 2048 x 2048 product,
+whose best figure is the *peak*, and on each case's per-step gate GEMM ``(batch, input + hidden)
+@ (input + hidden, gates * hidden)`` of its first layer, whose best is what a loop of that case's
+steps could reach.
 
 :func:`target` is the rule the CPU figures are held to: where torch runs below 80 % of the peak,
 jlstm must take at most 0.85 of torch's time; where torch is GEMM-bound (80 % or more), at most
@@ -18,20 +19,20 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-from experiments.bench.cases import CASES, Case
-from experiments.bench.timing import Timed
+from experiments.bench.cases import CASES, Case, flops
+from experiments.bench.timing import Timed, time_round_robin
 
 SQUARE = 2048
 GEMM_BOUND = 0.80  # torch at or above this share of the peak: the case is GEMM-bound
 LEAD = 0.85  # jlstm/torch wanted where torch is not GEMM-bound
 NEAR_STEP_BEST = 0.90  # share of the step shape's best GEMM wanted where torch is GEMM-bound
+PAUSE_S = 0.5  # between libraries: longer than OpenBLAS' and OpenMP's spin before they sleep
 
 
 def step_shape(case: Case) -> tuple[int, int, int]:
@@ -62,27 +63,14 @@ def _gemms(m: int, k: int, n: int) -> dict[str, Timed]:
     }
 
 
-PAUSE_S = 0.5  # between libraries: longer than OpenBLAS' and OpenMP's spin before they sleep
-
-
 def gflops(m: int, k: int, n: int, samples: int, sample_s: float) -> dict[str, float]:
     """GFLOP/s of each library on ``(m, k) @ (k, n)``: the median over ``samples`` samples of
     about ``sample_s`` seconds each, one library at a time."""
     rates = {}
     for name, gemm in _gemms(m, k, n).items():
         time.sleep(PAUSE_S)
-        gemm.sync(gemm.run())
-        start = time.perf_counter()
-        gemm.sync(gemm.run())
-        iters = max(1, min(1000, round(sample_s / (time.perf_counter() - start))))
-        times = []
-        for _ in range(samples):
-            start = time.perf_counter()
-            for _ in range(iters):
-                r = gemm.run()
-            gemm.sync(r)
-            times.append((time.perf_counter() - start) / iters)
-        rates[name] = 2 * m * k * n / statistics.median(times) / 1e9
+        median_s = time_round_robin({name: gemm}, samples, sample_s)[name]["median_s"]
+        rates[name] = 2 * m * k * n / median_s / 1e9
     return rates
 
 
@@ -141,8 +129,6 @@ def line(result: dict) -> str:
 def judge(record: dict, case: Case, mode: str, result: dict) -> dict:
     """What a timed case adds against the peak: each implementation's GFLOP/s, torch's and
     jlstm's share of the peak, jlstm's share of the step shape's best, and the target cell."""
-    from experiments.bench.cases import flops
-
     rates = {
         name: flops(case, mode) / timing["median_s"] / 1e9
         for name, timing in record["impls"].items()
