@@ -188,13 +188,13 @@ def _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
 # streamed from memory every step, while XLA's GEMMs keep scaling with cores, hence a limit.
 WEIGHTS_IN_LOOP_BYTES = 2 * 1024 * 1024
 
-# ... and only for a batch of at least this many rows: each step reads and writes a thread's rows
-# once to add `batch` multiply-adds into every entry, which at a batch of 1 or 2 (a matrix-vector
-# recurrence, streaming) costs more than handing the gate gradients to one whole-sequence GEMM.
-# Measured 2026-12-01 on the same CPU (T=128, I=64, a train step, processes alternated, 3 rounds):
-# gates out took 0.53-0.61 of the time in the loop at batch 1 with H=256, 0.6-0.9 at batch 2, and
-# 1.05-1.2 at batch 3; at H=64 the two were level.
+# ... except that a batch of fewer than WEIGHTS_IN_LOOP_MIN_BATCH rows hands its gate gradients out
+# once a thread's rows exceed WEIGHTS_IN_LOOP_SMALL_BATCH_BYTES: each step reads and writes the
+# rows once to add one or two multiply-adds into every entry, which is cheap while they sit in the
+# core's nearer caches and costs more than one whole-sequence GEMM once they do not (H=256 and up).
+# Measured with `python -m experiments.perf.backward_batch 1,2,3 64,128,256` (BENCHMARKS.md).
 WEIGHTS_IN_LOOP_MIN_BATCH = 3
+WEIGHTS_IN_LOOP_SMALL_BATCH_BYTES = 256 * 1024
 
 
 def _threads() -> int:
@@ -203,18 +203,22 @@ def _threads() -> int:
 
 
 def weights_in_loop(x, w_hh) -> bool:
-    """Whether the backward loop forms the weight gradients itself (see WEIGHTS_IN_LOOP_BYTES and
-    WEIGHTS_IN_LOOP_MIN_BATCH); ``x`` is ``(L, N, I)``, ``w_hh`` is ``(G*H, H)`` for G gates.
+    """Whether the backward loop forms the weight gradients itself (see WEIGHTS_IN_LOOP_BYTES,
+    WEIGHTS_IN_LOOP_MIN_BATCH and WEIGHTS_IN_LOOP_SMALL_BATCH_BYTES); ``x`` is ``(L, N, I)``,
+    ``w_hh`` is ``(G*H, H)`` for G gates.
 
-    >>> x, w_hh = jnp.zeros((128, 1, 64)), jnp.zeros((4 * 256, 256))
-    >>> weights_in_loop(x, w_hh), weights_in_loop(jnp.zeros((128, 16, 64)), w_hh)
-    (False, True)
+    >>> w_hh = jnp.zeros((4 * 256, 256))
+    >>> [weights_in_loop(jnp.zeros((128, n, 64)), w_hh) for n in (1, 16)]
+    [False, True]
+    >>> weights_in_loop(jnp.zeros((128, 1, 64)), jnp.zeros((4 * 64, 64)))
+    True
     """
     gates, hidden = w_hh.shape
-    if x.shape[1] < WEIGHTS_IN_LOOP_MIN_BATCH:
-        return False
     rows = gates / min(_threads(), max(1, hidden // 16))
-    return rows * (x.shape[-1] + hidden) * x.dtype.itemsize <= WEIGHTS_IN_LOOP_BYTES
+    row_bytes = rows * (x.shape[-1] + hidden) * x.dtype.itemsize
+    if x.shape[1] < WEIGHTS_IN_LOOP_MIN_BATCH and row_bytes > WEIGHTS_IN_LOOP_SMALL_BATCH_BYTES:
+        return False
+    return row_bytes <= WEIGHTS_IN_LOOP_BYTES
 
 
 def _bwd(reverse, residuals, cotangents):

@@ -82,15 +82,16 @@ def test_each_backward_is_taken(kind, backward):
 
 @KINDS
 @pytest.mark.parametrize("batch", [1, 2, 3, 8])
-def test_default_backward_by_batch(kind, batch):
-    """With the defaults, a batch of 1 or 2 hands its gate gradients to XLA (a step of the loop
-    would read and write every weight-gradient row for one or two multiply-adds), 3 and more sum
-    the weight gradients in the loop."""
+@pytest.mark.parametrize("hidden", [5, 256])
+def test_default_backward_by_batch(kind, batch, hidden):
+    """With the defaults, a batch of 1 or 2 whose weight-gradient rows per thread outgrow
+    WEIGHTS_IN_LOOP_SMALL_BATCH_BYTES (hidden 256) hands its gate gradients to XLA; small rows
+    (hidden 5), or 3 and more batch rows, sum the weight gradients in the loop."""
     jax.clear_caches()
-    params, x, state = _problem(kind, 3, batch, 4, 5, jnp.float32)
+    params, x, state = _problem(kind, 3, batch, 4, hidden, jnp.float32)
     loss = lambda p: jnp.sum(LAYERS[kind][0](p, x, state)[0])  # noqa: E731
     text = jax.jit(jax.grad(loss)).lower(params).as_text()
-    assert (f"jlstm_{kind}_backward_gates" in text) == (batch < 3)
+    assert (f"jlstm_{kind}_backward_gates" in text) == (batch < 3 and hidden == 256)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 says which, and the command). They time jlstm through its public API on experiments.bench's cases:
 
 - ``knobs``: in-process A/B of public options (``checkpoint_every``, ``impl``), fwd and train.
+- ``backward_batch``: the C++ loop's two ways to end a backward, by batch and hidden size.
 - ``flags``: jlstm's CPU time under process-wide settings (``XLA_FLAGS``, ``JLSTM_NATIVE_THREADS``).
 - ``concurrency``: whether XLA CPU runs a large GEMM, and a loop body's independent dots, on all
   cores.
