@@ -185,16 +185,11 @@ def _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
 # by setting this limit to 0 against the default: handing the gates to XLA made a train step 1.64x
 # slower on mnist (47 KB of rows per thread) and 1.41x on long (196 KB), and changed nothing on
 # medium (up to 1.5 MB) or wide (12.6 MB, past the limit). Rows that outgrow the caches are
-# streamed from memory every step, while XLA's GEMMs keep scaling with cores, hence a limit.
+# streamed from memory every step, while XLA's GEMMs keep scaling with cores, hence a limit. Any
+# batch: the loop adds a small batch's gate gradients in groups of steps (accumulation_group in the
+# C++ source), so a batch of 1 or 2 no longer reads and writes the rows for one or two
+# multiply-adds per step (`python -m experiments.perf.backward_batch 1,2 256`, BENCHMARKS.md).
 WEIGHTS_IN_LOOP_BYTES = 2 * 1024 * 1024
-
-# ... except that a batch of fewer than WEIGHTS_IN_LOOP_MIN_BATCH rows hands its gate gradients out
-# once a thread's rows exceed WEIGHTS_IN_LOOP_SMALL_BATCH_BYTES: each step reads and writes the
-# rows once to add one or two multiply-adds into every entry, which is cheap while they sit in the
-# core's nearer caches and costs more than one whole-sequence GEMM once they do not (H=256 and up).
-# Measured with `python -m experiments.perf.backward_batch 1,2,3 64,128,256` (BENCHMARKS.md).
-WEIGHTS_IN_LOOP_MIN_BATCH = 3
-WEIGHTS_IN_LOOP_SMALL_BATCH_BYTES = 256 * 1024
 
 
 def _threads() -> int:
@@ -203,22 +198,18 @@ def _threads() -> int:
 
 
 def weights_in_loop(x, w_hh) -> bool:
-    """Whether the backward loop forms the weight gradients itself (see WEIGHTS_IN_LOOP_BYTES,
-    WEIGHTS_IN_LOOP_MIN_BATCH and WEIGHTS_IN_LOOP_SMALL_BATCH_BYTES); ``x`` is ``(L, N, I)``,
-    ``w_hh`` is ``(G*H, H)`` for G gates.
+    """Whether the backward loop forms the weight gradients itself (see WEIGHTS_IN_LOOP_BYTES);
+    ``x`` is ``(L, N, I)``, ``w_hh`` is ``(G*H, H)`` for G gates.
 
     >>> w_hh = jnp.zeros((4 * 256, 256))
     >>> [weights_in_loop(jnp.zeros((128, n, 64)), w_hh) for n in (1, 16)]
-    [False, True]
-    >>> weights_in_loop(jnp.zeros((128, 1, 64)), jnp.zeros((4 * 64, 64)))
-    True
+    [True, True]
+    >>> weights_in_loop(jnp.zeros((2, 1, 16384)), jnp.zeros((4 * 1024, 1024)))
+    False
     """
     gates, hidden = w_hh.shape
     rows = gates / min(_threads(), max(1, hidden // 16))
-    row_bytes = rows * (x.shape[-1] + hidden) * x.dtype.itemsize
-    if x.shape[1] < WEIGHTS_IN_LOOP_MIN_BATCH and row_bytes > WEIGHTS_IN_LOOP_SMALL_BATCH_BYTES:
-        return False
-    return row_bytes <= WEIGHTS_IN_LOOP_BYTES
+    return rows * (x.shape[-1] + hidden) * x.dtype.itemsize <= WEIGHTS_IN_LOOP_BYTES
 
 
 def _bwd(reverse, residuals, cotangents):

@@ -54,7 +54,10 @@ def test_auto_skips_the_native_loop_when_turned_off(kind, monkeypatch):
 
 # Sizes: 1 everywhere; hidden 15/16/17 around one thread's block of 16 units, 33 and 100 split over
 # threads with a ragged last block; batch 9 = a tile of 8 rows + 1; long enough to hit every tile.
+# The in-loop backward adds steps in groups of 64 // batch (at most 16): L=6, N=17 is two whole
+# groups of 3, L=7, N=12 a part group of 2 then a whole one of 5, the others one part group.
 SIZES = [(1, 1, 1, 1), (4, 9, 3, 15), (3, 2, 5, 16), (5, 3, 1, 17), (6, 17, 7, 33), (2, 8, 4, 100)]
+SIZES += [(7, 12, 3, 20)]
 
 
 @pytest.fixture(params=["weights-in-loop", "gates-out"])
@@ -65,7 +68,6 @@ def backward(request, monkeypatch):
     monkeypatch.setattr(
         native, "WEIGHTS_IN_LOOP_BYTES", native.WEIGHTS_IN_LOOP_BYTES if in_loop else 0
     )
-    monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_MIN_BATCH", 1)  # batch 1 and 2 in the loop too
     jax.clear_caches()  # the layer stack is jitted: retrace with the setting
     yield request.param
     jax.clear_caches()
@@ -82,16 +84,19 @@ def test_each_backward_is_taken(kind, backward):
 
 @KINDS
 @pytest.mark.parametrize("batch", [1, 2, 3, 8])
-@pytest.mark.parametrize("hidden", [5, 256])
-def test_default_backward_by_batch(kind, batch, hidden):
-    """With the defaults, a batch of 1 or 2 whose weight-gradient rows per thread outgrow
-    WEIGHTS_IN_LOOP_SMALL_BATCH_BYTES (hidden 256) hands its gate gradients to XLA; small rows
-    (hidden 5), or 3 and more batch rows, sum the weight gradients in the loop."""
+@pytest.mark.parametrize("hidden", [5, 256, 1024])
+def test_default_backward_by_batch(kind, batch, hidden, monkeypatch):
+    """With the defaults and two threads, every batch size sums the weight gradients in the loop
+    while a thread's rows fit WEIGHTS_IN_LOOP_BYTES (hidden 5 and 256; a small batch adds its steps
+    in groups) and hands its gate gradients to XLA beyond (hidden 1024: 8 MiB of rows)."""
+    monkeypatch.setenv("JLSTM_NATIVE_THREADS", "2")
     jax.clear_caches()
     params, x, state = _problem(kind, 3, batch, 4, hidden, jnp.float32)
     loss = lambda p: jnp.sum(LAYERS[kind][0](p, x, state)[0])  # noqa: E731
     text = jax.jit(jax.grad(loss)).lower(params).as_text()
-    assert (f"jlstm_{kind}_backward_gates" in text) == (batch < 3 and hidden == 256)
+    assert (f"jlstm_{kind}_backward_gates" in text) == (hidden == 1024)
+    assert f"jlstm_{kind}_backward" in text
+    jax.clear_caches()
 
 
 @pytest.mark.parametrize(

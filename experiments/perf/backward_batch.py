@@ -3,7 +3,7 @@
 (an LSTM, T=128, I=64, one layer), the C++ loop's train step compiled both ways its backward can
 end:
 
-- ``in loop``: the backward loop sums the weight gradients itself at every step,
+- ``in loop``: the backward loop sums the weight gradients itself as it goes,
 - ``gates out``: it hands every step's gate gradients to XLA's whole-sequence GEMMs.
 
 Each setting runs in a process of its own, the two alternating for ``rounds`` rounds (default 3):
@@ -13,59 +13,30 @@ sets ``jlstm.native``'s public limits (``WEIGHTS_IN_LOOP_MIN_BATCH``, ``WEIGHTS_
 checks the gradients against ``impl="scan"``, and prints the median wall time of 21 steps.
 """
 
-import statistics
-import subprocess
 import sys
+
+from experiments.bench.cases import Case
+from experiments.perf.common import alternate, checked_train_ms
 
 SETTINGS = ("in loop", "gates out")
 
 
 def child(batch: int, hidden: int, setting: str) -> None:
-    import time
-
-    import jax
-    import jax.numpy as jnp
-
-    from experiments.bench.cases import Case
-    from experiments.perf.common import layer_and_init, problem
     from jlstm import native
 
     native.WEIGHTS_IN_LOOP_MIN_BATCH = 1
     if setting == "gates out":
         native.WEIGHTS_IN_LOOP_BYTES = 0
-    case = Case("lstm", batch, 128, 64, hidden, 1, False)
-    layer, _ = layer_and_init(case)
-    params, x, cot = problem(case)
-
-    def step(impl):
-        loss = lambda p, x: jnp.sum(layer(p, x, impl=impl)[0] * cot)  # noqa: E731
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))
-
-    fast, reference = step("native"), step("scan")
-    got, want = jax.tree.leaves(fast(params, x)), jax.tree.leaves(reference(params, x))
-    err = max(
-        float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want, strict=True)
-    )
-    if err > 1e-4:  # relative to each gradient's largest entry, as experiments.bench
-        raise SystemExit(f"{case} {setting}: gradients differ from impl='scan' by {err:.1e}")
-    times = []
-    for _ in range(21):
-        start = time.perf_counter()
-        jax.block_until_ready(fast(params, x))
-        times.append(time.perf_counter() - start)
-    print(f"{statistics.median(times) * 1e3:.3f}")
+    print(f"{checked_train_ms(Case('lstm', batch, 128, 64, hidden, 1, False)):.3f}")
 
 
 def main(batches: list[int], hiddens: list[int], rounds: int) -> None:
     for hidden in hiddens:
         for batch in batches:
-            ms = {s: [] for s in SETTINGS}
-            for _ in range(rounds):
-                for setting in SETTINGS:
-                    cmd = [sys.executable, "-m", "experiments.perf.backward_batch", "--child"]
-                    cmd += [str(batch), str(hidden), setting]
-                    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                    ms[setting].append(float(done.stdout.split()[-1]))
+            args = [str(batch), str(hidden)]
+            ms = alternate(
+                "experiments.perf.backward_batch", {s: ([*args, s], {}) for s in SETTINGS}, rounds
+            )
             ratios = [out / loop for loop, out in zip(*ms.values(), strict=True)]
             print(
                 f"batch {batch} hidden {hidden}: in loop "

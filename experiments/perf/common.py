@@ -1,5 +1,6 @@
-"""What the perf scripts share: a case's random problem through jlstm's public API, and round-robin
-timing (experiments.bench's) of plain callables with wall and process CPU time side by side.
+"""What the perf scripts share: a case's random problem through jlstm's public API, round-robin
+timing (experiments.bench's) of plain callables with wall and process CPU time side by side, and
+settings compared each in a process of its own.
 
 CPU time is kept because on a shared machine the CPU time of a loop is far steadier than its wall
 time, and CPU time / wall time says how many cores a call kept busy.
@@ -7,7 +8,14 @@ time, and CPU time / wall time says how many cores a call kept busy.
 
 from __future__ import annotations
 
+import os
+import statistics
+import subprocess
+import sys
+import time
+
 import jax
+import jax.numpy as jnp
 
 import jlstm
 from experiments.bench.cases import Case, num_directions
@@ -55,3 +63,47 @@ def report(title: str, med: dict, base: str, per: int | None = None) -> None:
         print(
             f"  {n:34s} wall {w * 1e3:9.3f} ms x{w / bw:5.2f}   CPU {c * 1e3:9.3f} ms x{c / bc:5.2f}{extra}"
         )
+
+
+def checked_train_ms(case: Case, steps: int = 21) -> float:
+    """Median wall milliseconds of ``steps`` calls of the case's jitted train step (gradients of
+    ``sum(output * cot)`` for the weights and the input) on jlstm's C++ loop, after checking its
+    gradients against ``impl="scan"`` to 1e-4 of each gradient's largest entry (as
+    experiments.bench); a mismatch exits with the error."""
+    layer, _ = layer_and_init(case)
+    params, x, cot = problem(case)
+
+    def step(impl):
+        loss = lambda p, x: jnp.sum(layer(p, x, impl=impl)[0] * cot)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    fast, reference = step("native"), step("scan")
+    got, want = jax.tree.leaves(fast(params, x)), jax.tree.leaves(reference(params, x))
+    err = max(
+        float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want, strict=True)
+    )
+    if err > 1e-4:
+        raise SystemExit(f"{case}: gradients differ from impl='scan' by {err:.1e}")
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fast(params, x))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def alternate(module: str, settings: dict[str, tuple[list[str], dict]], rounds: int) -> dict:
+    """Runs ``python -m module --child ARGS`` once per setting (name -> (ARGS, extra environment))
+    per round, the settings alternating, each in a process of its own: in one process the
+    programs' buffers come and go between each other's calls, which changes what the memory
+    allocator hands back to the system and so the very cost being compared. Each child prints its
+    figure last. Returns name -> the figures of the rounds."""
+    figures = {name: [] for name in settings}
+    for _ in range(rounds):
+        for name, (args, env) in settings.items():
+            cmd = [sys.executable, "-m", module, "--child", *args]
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, check=True, env=os.environ | env
+            )
+            figures[name].append(float(done.stdout.split()[-1]))
+    return figures

@@ -428,6 +428,19 @@ void unit_range(int64_t hidden, int k, int n, int64_t& first, int64_t& last) {
   last = std::min(hidden, blocks * (k + 1) / n * 16);
 }
 
+// How many steps the in-loop backward adds into the weight gradients at once for a batch of n: at
+// least 64 rows of gate gradients per pass over a thread's rows (a pass loads and stores every
+// entry, so a batch of 16 did 16 multiply-adds per entry per pass and spent its time moving the
+// rows), at most 16 steps. JLSTM_ACCUMULATION_ROWS overrides the 64 (1: a step at a time), for
+// `python -m experiments.perf.accumulation_rows`, which measures the choice (BENCHMARKS.md).
+int64_t accumulation_group(int64_t n) {
+  static const int64_t rows = [] {
+    const char* env = std::getenv("JLSTM_ACCUMULATION_ROWS");
+    return env != nullptr && std::atoi(env) > 0 ? std::atoi(env) : 64;
+  }();
+  return std::clamp<int64_t>(rows / std::max<int64_t>(n, 1), 1, 16);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Result buffers: XLA allocates them afresh on every run, so with 4 KiB pages the loop's first write
 // to each page of a large result (the saved gates of a training forward, tens of MB) is a page
@@ -567,8 +580,9 @@ void lstm_forward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
 // - weights in the loop (io.dw_ih given): thread k also owns the rows of its units' gates in the
 //   weight gradients and adds each step into them (dgates[:, own]^T [x_t, h_{t-1}]), and forms
 //   its block of dx_t's columns (dgates_t @ W_ih[:, block]); no (L, N, 4H) buffer of gate
-//   gradients is written, two step buffers take turns. Pays while a thread's rows of the weight
-//   gradients stay in its core's cache (jlstm.native chooses).
+//   gradients is written, a few step buffers take turns. Pays while a thread's rows of the weight
+//   gradients stay in its core's cache (jlstm.native chooses). A small batch adds a group of steps
+//   at once (accumulation_group): each pass over the rows then does more multiply-adds per entry.
 // - gate gradients out (io.dgates given): every step's gate gradients go to io.dgates, and XLA
 //   forms dW, db and dx as whole-sequence GEMMs on every core (large layers).
 template <typename T>
@@ -578,7 +592,10 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
   const int64_t KP = (K + PackedB<T>::kNR - 1) / PackedB<T>::kNR * PackedB<T>::kNR;
   const int n = threads_for(H);
   const bool in_loop = io.dw_ih != nullptr;
-  Scratch<T> step_dgates(in_loop ? 2 * N * G : 0);  // the last two steps' gate gradients
+  // Step s's gate gradients go to slot s % slots; a group of `group` steps (s % group == 0 down to
+  // the next) sits in slots 0, 1, ... in a row, so their rows are one (group * N, G) matrix.
+  const int64_t group = in_loop ? accumulation_group(N) : 1, slots = std::max<int64_t>(2, group);
+  Scratch<T> step_dgates(in_loop ? slots * N * G : 0);
   prefer_huge_pages(in_loop ? io.dx : io.dgates, z.length * N * (in_loop ? I : G) * sizeof(T));
   Barrier barrier;
   run_team(pool, n, 8.0 * z.length * N * G * (K + H), [&](int k, int threads) {
@@ -590,7 +607,7 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
     const PackedB<T> w_ih_own(G, nx, G, [&](int64_t r, int64_t j) { return io.w_ih[r * I + x0 + j]; });
     // dh, dc of this thread's units; the GEMM's dh_{t-1}; [x_t, h_{t-1}] zero-padded to KP columns;
     // this thread's rows of [dW_ih dW_hh] (gate-major, KP columns) and of db.
-    Scratch<T> dh(N * nu), dc(N * nu), dh_prev(N * nu), v(in_loop ? N * KP : 0, T(0));
+    Scratch<T> dh(N * nu), dc(N * nu), dh_prev(N * nu), v(in_loop ? slots * N * KP : 0, T(0));
     Scratch<T> dw(in_loop ? 4 * nu * KP : 0, T(0)), db(4 * nu, T(0));
     for (int64_t b = 0; b < N; ++b) {
       std::copy(io.dh_n + b * H + u0, io.dh_n + b * H + u1, &dh[b * nu]);
@@ -600,7 +617,8 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
       const int64_t t = z.time(s);
       const T* c_prev = s == 0 ? io.c0 : io.cs + z.time(s - 1) * N * H;
       const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
-      T* dgates = in_loop ? step_dgates.data() + (s % 2) * N * G : io.dgates + t * N * G;
+      const int64_t slot = s % slots;
+      T* dgates = in_loop ? step_dgates.data() + slot * N * G : io.dgates + t * N * G;
       for (int64_t b = 0; b < N; ++b) {
         const int64_t row = t * N + b;
         T* dg = dgates + b * G + u0;
@@ -637,14 +655,17 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
           dcb[j] = dc_total * f;
         }
       }
-      if (in_loop && nu > 0) {  // dW[own gate rows] += dgates[:, own]^T [x_t, h_{t-1}]
+      if (in_loop && nu > 0) {  // dW[own gate rows] += dgates[:, own]^T [x_t, h_{t-1}], by groups
+        T* vs = &v[slot * N * KP];
         for (int64_t b = 0; b < N; ++b) {
-          std::copy(io.x + (t * N + b) * I, io.x + (t * N + b + 1) * I, &v[b * KP]);
-          std::copy(h_prev + b * H, h_prev + (b + 1) * H, &v[b * KP + I]);
+          std::copy(io.x + (t * N + b) * I, io.x + (t * N + b + 1) * I, &vs[b * KP]);
+          std::copy(h_prev + b * H, h_prev + (b + 1) * H, &vs[b * KP + I]);
         }
-        for (int64_t g = 0; g < 4; ++g)
-          OuterAccumulate<T>::run(nu, KP, N, dgates + g * H + u0, G, v.data(), KP,
-                                  &dw[g * nu * KP], KP);
+        if (s % group == 0) {  // steps s .. s + rows/N - 1, in slots `slot` on (0 on, for groups)
+          const int64_t rows = (std::min(s + group, z.length) - s) * N;
+          for (int64_t g = 0; g < 4; ++g)
+            OuterAccumulate<T>::run(nu, KP, rows, dgates + g * H + u0, G, vs, KP, &dw[g * nu * KP], KP);
+        }
       }
       barrier.wait(threads);  // every unit's gate gradients of step t are written
       if (nu > 0) w_hh_own.multiply(N, dgates, G, dgates + G, G, dh_prev.data(), nu);
@@ -748,7 +769,9 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
   const auto padded = [](int64_t n) { return (n + PackedB<T>::kNR - 1) / PackedB<T>::kNR * PackedB<T>::kNR; };
   const int64_t IP = padded(I), HP = padded(H);
   const bool in_loop = io.dw_ih != nullptr;
-  Scratch<T> step(in_loop ? 4 * N * G : 0);  // [dxw, dhw] of the last two steps
+  // As the LSTM's: step s's dxw in slot s % slots of the first half, its dhw in the second.
+  const int64_t group = in_loop ? accumulation_group(N) : 1, slots = std::max<int64_t>(2, group);
+  Scratch<T> step(in_loop ? 2 * slots * N * G : 0);
   if (in_loop) {
     prefer_huge_pages(io.dx, z.length * N * I * sizeof(T));
   } else {
@@ -765,15 +788,16 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
     // dh of this thread's units, the GEMM's part of dh_{t-1} and the direct part (dh_total * z);
     // x_t and h_{t-1} zero-padded to whole panels; this thread's rows of dW_ih, dW_hh, db, db_hn.
     Scratch<T> dh(N * nu), dh_prev(N * nu), direct(N * nu);
-    Scratch<T> vx(in_loop ? N * IP : 0, T(0)), vh(in_loop ? N * HP : 0, T(0));
+    Scratch<T> vx(in_loop ? slots * N * IP : 0, T(0)), vh(in_loop ? slots * N * HP : 0, T(0));
     Scratch<T> dwx(in_loop ? 3 * nu * IP : 0, T(0)), dwh(in_loop ? 3 * nu * HP : 0, T(0));
     Scratch<T> db(3 * nu, T(0)), db_hn(nu, T(0));
     for (int64_t b = 0; b < N; ++b) std::copy(io.dh_n + b * H + u0, io.dh_n + b * H + u1, &dh[b * nu]);
     for (int64_t s = z.length - 1; s >= 0; --s) {
       const int64_t t = z.time(s);
       const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
-      T* dxw = in_loop ? step.data() + (s % 2) * 2 * N * G : io.dxw + t * N * G;
-      T* dhw = in_loop ? dxw + N * G : io.dhw + t * N * G;
+      const int64_t slot = s % slots;
+      T* dxw = in_loop ? step.data() + slot * N * G : io.dxw + t * N * G;
+      T* dhw = in_loop ? dxw + slots * N * G : io.dhw + t * N * G;
       for (int64_t b = 0; b < N; ++b) {
         const int64_t row = t * N + b;
         T* gx = dxw + b * G + u0;
@@ -816,13 +840,18 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
         }
       }
       if (in_loop && nu > 0) {  // own gate rows: dW_ih += dxw^T x_t, dW_hh += dhw^T h_{t-1}
+        T* xs = &vx[slot * N * IP];
+        T* hps = &vh[slot * N * HP];
         for (int64_t b = 0; b < N; ++b) {
-          std::copy(io.x + (t * N + b) * I, io.x + (t * N + b + 1) * I, &vx[b * IP]);
-          std::copy(h_prev + b * H, h_prev + (b + 1) * H, &vh[b * HP]);
+          std::copy(io.x + (t * N + b) * I, io.x + (t * N + b + 1) * I, &xs[b * IP]);
+          std::copy(h_prev + b * H, h_prev + (b + 1) * H, &hps[b * HP]);
         }
-        for (int64_t g = 0; g < 3; ++g) {
-          OuterAccumulate<T>::run(nu, IP, N, dxw + g * H + u0, G, vx.data(), IP, &dwx[g * nu * IP], IP);
-          OuterAccumulate<T>::run(nu, HP, N, dhw + g * H + u0, G, vh.data(), HP, &dwh[g * nu * HP], HP);
+        if (s % group == 0) {  // a group of steps at once, as the LSTM's
+          const int64_t rows = (std::min(s + group, z.length) - s) * N;
+          for (int64_t g = 0; g < 3; ++g) {
+            OuterAccumulate<T>::run(nu, IP, rows, dxw + g * H + u0, G, xs, IP, &dwx[g * nu * IP], IP);
+            OuterAccumulate<T>::run(nu, HP, rows, dhw + g * H + u0, G, hps, HP, &dwh[g * nu * HP], HP);
+          }
         }
       }
       barrier.wait(threads);  // every unit's gate gradients of step t are written
