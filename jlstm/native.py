@@ -168,7 +168,7 @@ def _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
         like(shape, x)
         for shape in ((length, batch, hidden), (batch, hidden), (length, batch, 4 * hidden))
     )
-    outs = (seq, state, seq, seq, gates) if save else (seq, state)
+    outs = (seq, state, seq, gates) if save else (seq, state)
     hs, c_n, *saved = _call(
         "lstm_forward" if save else "lstm_inference",
         outs,
@@ -213,9 +213,9 @@ def weights_in_loop(x, w_hh) -> bool:
 
 
 def _bwd(reverse, residuals, cotangents):
-    w_ih, w_hh, _, x, h0, c0, valid, (hs, cs, tcs, acts) = residuals
+    w_ih, w_hh, _, x, h0, c0, valid, (hs, cs, acts) = residuals
     dys, dh_n, dc_n = cotangents
-    inputs = (x, w_ih, w_hh, acts, cs, tcs, hs, h0, c0, dys, dh_n, dc_n)
+    inputs = (x, w_ih, w_hh, acts, cs, hs, h0, c0, dys, dh_n, dc_n)
     if weights_in_loop(x, w_hh):
         outs = tuple(like(a.shape, x) for a in (x, w_ih, w_hh, w_hh[:, 0], h0, c0))
         dx, dw_ih, dw_hh, dbias, dh0, dc0 = _call(

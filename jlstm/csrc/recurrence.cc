@@ -474,32 +474,32 @@ struct Sizes {
 
 // Pointers into XLA's buffers, null where a call has no such buffer. Shapes: x (L, N, I); w_ih
 // (4H, I), dw_ih (4H, I); w_hh, dw_hh (4H, H); bias, db (4H); h0, c0, c_n, dh_n, dc_n, dh0, dc0
-// (N, H); hs, cs, tcs, dys (L, N, H); dx (L, N, I); acts (L, N, 4H); valid (L, N) bytes when
+// (N, H); hs, cs, dys (L, N, H); dx (L, N, I); acts (L, N, 4H); valid (L, N) bytes when
 // masked.
 template <typename T>
 struct Buffers {
   const T *x, *w_ih, *w_hh, *bias, *h0, *c0;
   const uint8_t* valid;
-  T *hs, *c_n, *cs, *tcs, *acts;                    // forward results
-  const T *dys, *dh_n, *dc_n;                       // backward inputs (with acts, cs, tcs, hs)
+  T *hs, *c_n, *cs, *acts;                          // forward results
+  const T *dys, *dh_n, *dc_n;                       // backward inputs (with acts, cs, hs)
   T *dx, *dw_ih, *dw_hh, *db, *dgates, *dh0, *dc0;  // backward results (dgates or the rest)
 };
 
 // The forward loop. Each step multiplies [x_t, h_{t-1}] by this thread's columns of
 // [W_ih W_hh]^T, so no (L, N, 4H) input projection is ever written to memory. Without `acts`
 // (inference) nothing is saved for the backward: c lives in a per-thread buffer and only c_n is
-// written; with it, every step's c, tanh(c) and gate activations are saved.
+// written; with it, every step's c and gate activations are saved (the backward recomputes
+// tanh(c) from c rather than read a sixth (L, N, H) buffer: less memory and traffic).
 template <typename T>
 void lstm_forward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
   Arena::Scope scratch;  // this call's scratch on the calling thread
   const int64_t N = z.batch, I = z.input, H = z.hidden, G = 4 * H;
   const bool save = io.acts != nullptr;
   const int n = threads_for(H);
-  const size_t seq_bytes = z.length * N * H * sizeof(T);  // hs, cs, tanh(cs); acts is 4x
+  const size_t seq_bytes = z.length * N * H * sizeof(T);  // hs, cs; acts is 4x
   prefer_huge_pages(io.hs, seq_bytes);
   if (save) {
     prefer_huge_pages(io.cs, seq_bytes);
-    prefer_huge_pages(io.tcs, seq_bytes);
     prefer_huge_pages(io.acts, 4 * seq_bytes);
   }
   Barrier barrier;
@@ -512,12 +512,11 @@ void lstm_forward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
       const int64_t gate_row = col / nu * H + u0 + col % nu;
       return r < I ? io.w_ih[gate_row * I + r] : io.w_hh[gate_row * H + r - I];
     });
-    Scratch<T> pre(N * 4 * nu), bias(4 * nu), c_own, tc_own, a_own;
+    Scratch<T> pre(N * 4 * nu), bias(4 * nu), c_own, a_own;
     for (int64_t g = 0; g < 4; ++g)
       std::copy(io.bias + g * H + u0, io.bias + g * H + u1, bias.begin() + g * nu);
-    if (!save) {  // c of this thread's units, updated in place; scratch for tanh(c) and the gates
+    if (!save) {  // c of this thread's units, updated in place; scratch for the gates
       c_own.resize(N * nu);
-      tc_own.resize(N * nu);
       a_own.resize(N * G);
       for (int64_t b = 0; b < N; ++b)
         std::copy(io.c0 + b * H + u0, io.c0 + b * H + u1, &c_own[b * nu]);
@@ -536,7 +535,6 @@ void lstm_forward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
         // Saved: in the (L, N, ...) buffers; inference: c in place, the rest in scratch.
         T* c = save ? io.cs + row * H + u0 : &c_own[b * nu];
         const T* cp = save ? c_prev + b * H + u0 : c;
-        T* tc = save ? io.tcs + row * H + u0 : &tc_own[b * nu];
         T* a = save ? io.acts + row * G + u0 : &a_own[b * G];
         const bool keep = z.masked && !io.valid[row];
         if (keep && !save) {  // the carry stays, nothing to compute
@@ -556,7 +554,6 @@ void lstm_forward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
           a[2 * H + j] = g;
           a[3 * H + j] = o;
           c[j] = c_new;
-          tc[j] = tanh_c;
           h[j] = o * tanh_c;
         }
         if (keep) {
@@ -627,7 +624,7 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
           continue;
         }
         const T* a = io.acts + row * G + u0;
-        const T* tc = io.tcs + row * H + u0;
+        const T* c = io.cs + row * H + u0;
         const T* dy = io.dys + row * H + u0;
         const T* cp = c_prev + b * H + u0;
         T* dhb = dh.data() + b * nu;
@@ -637,11 +634,12 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
         for (int64_t j = 0; j < nu; ++j) {
           const T i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
           const T dh_total = dhb[j] + dy[j];
-          const T dc_total = dcb[j] + dh_total * o * (T(1) - tc[j] * tc[j]);
+          const T tc = std::tanh(c[j]);  // as the forward computed it
+          const T dc_total = dcb[j] + dh_total * o * (T(1) - tc * tc);
           const T di = dc_total * g * i * (T(1) - i);
           const T df = dc_total * cp[j] * f * (T(1) - f);
           const T dgg = dc_total * i * (T(1) - g * g);
-          const T d_o = dh_total * tc[j] * o * (T(1) - o);
+          const T d_o = dh_total * tc * o * (T(1) - o);
           dg[j] = di;
           dg[H + j] = df;
           dg[2 * H + j] = dgg;
@@ -913,13 +911,11 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
                            ffi::AnyBuffer bias, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
                            ffi::Buffer<ffi::U8> valid, int64_t reverse, int64_t masked,
                            ffi::Result<ffi::AnyBuffer> hs, ffi::Result<ffi::AnyBuffer> c_n,
-                           ffi::Result<ffi::AnyBuffer> cs, ffi::Result<ffi::AnyBuffer> tcs,
-                           ffi::Result<ffi::AnyBuffer> acts) {
+                           ffi::Result<ffi::AnyBuffer> cs, ffi::Result<ffi::AnyBuffer> acts) {
   return by_dtype(x.element_type(), [&]<typename T>() {
     lstm_forward<T>(pool, sizes_of(x, h0, reverse, masked),
                     {in<T>(x), in<T>(w_ih), in<T>(w_hh), in<T>(bias), in<T>(h0), in<T>(c0),
-                     valid.typed_data(), out<T>(hs), out<T>(c_n), out<T>(cs), out<T>(tcs),
-                     out<T>(acts)});
+                     valid.typed_data(), out<T>(hs), out<T>(c_n), out<T>(cs), out<T>(acts)});
   });
 }
 
@@ -936,15 +932,15 @@ ffi::Error LstmInferenceImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
 
 #define JLSTM_BACKWARD_PARAMS                                                                 \
   ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_ih, ffi::AnyBuffer w_hh,             \
-      ffi::AnyBuffer acts, ffi::AnyBuffer cs, ffi::AnyBuffer tcs, ffi::AnyBuffer hs,            \
+      ffi::AnyBuffer acts, ffi::AnyBuffer cs, ffi::AnyBuffer hs,                                \
       ffi::AnyBuffer h0, ffi::AnyBuffer c0, ffi::AnyBuffer dys, ffi::AnyBuffer dh_n,            \
       ffi::AnyBuffer dc_n, ffi::Buffer<ffi::U8> valid, int64_t reverse, int64_t masked
 
 template <typename T>
 Buffers<T> backward_inputs(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w_ih,
                            const ffi::AnyBuffer& w_hh, const ffi::AnyBuffer& acts,
-                           const ffi::AnyBuffer& cs, const ffi::AnyBuffer& tcs,
-                           const ffi::AnyBuffer& hs, const ffi::AnyBuffer& h0,
+                           const ffi::AnyBuffer& cs, const ffi::AnyBuffer& hs,
+                           const ffi::AnyBuffer& h0,
                            const ffi::AnyBuffer& c0, const ffi::AnyBuffer& dys,
                            const ffi::AnyBuffer& dh_n, const ffi::AnyBuffer& dc_n,
                            const ffi::Buffer<ffi::U8>& valid) {
@@ -953,7 +949,7 @@ Buffers<T> backward_inputs(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w_ih,
   Buffers<T> io{};
   io.x = in<T>(x), io.w_ih = in<T>(w_ih), io.w_hh = in<T>(w_hh);
   io.h0 = in<T>(h0), io.c0 = in<T>(c0), io.valid = valid.typed_data();
-  io.acts = saved(acts), io.cs = saved(cs), io.tcs = saved(tcs), io.hs = saved(hs);
+  io.acts = saved(acts), io.cs = saved(cs), io.hs = saved(hs);
   io.dys = in<T>(dys), io.dh_n = in<T>(dh_n), io.dc_n = in<T>(dc_n);
   return io;
 }
@@ -964,7 +960,7 @@ ffi::Error LstmBackwardImpl(JLSTM_BACKWARD_PARAMS, ffi::Result<ffi::AnyBuffer> d
                             ffi::Result<ffi::AnyBuffer> db, ffi::Result<ffi::AnyBuffer> dh0,
                             ffi::Result<ffi::AnyBuffer> dc0) {
   return by_dtype(x.element_type(), [&]<typename T>() {
-    Buffers<T> io = backward_inputs<T>(x, w_ih, w_hh, acts, cs, tcs, hs, h0, c0, dys, dh_n, dc_n, valid);
+    Buffers<T> io = backward_inputs<T>(x, w_ih, w_hh, acts, cs, hs, h0, c0, dys, dh_n, dc_n, valid);
     io.dx = out<T>(dx), io.dw_ih = out<T>(dw_ih), io.dw_hh = out<T>(dw_hh), io.db = out<T>(db);
     io.dh0 = out<T>(dh0), io.dc0 = out<T>(dc0);
     lstm_backward<T>(pool, sizes_of(x, h0, reverse, masked), io);
@@ -976,7 +972,7 @@ ffi::Error LstmBackwardGatesImpl(JLSTM_BACKWARD_PARAMS, ffi::Result<ffi::AnyBuff
                                  ffi::Result<ffi::AnyBuffer> dh0,
                                  ffi::Result<ffi::AnyBuffer> dc0) {
   return by_dtype(x.element_type(), [&]<typename T>() {
-    Buffers<T> io = backward_inputs<T>(x, w_ih, w_hh, acts, cs, tcs, hs, h0, c0, dys, dh_n, dc_n, valid);
+    Buffers<T> io = backward_inputs<T>(x, w_ih, w_hh, acts, cs, hs, h0, c0, dys, dh_n, dc_n, valid);
     io.dgates = out<T>(dgates), io.dh0 = out<T>(dh0), io.dc0 = out<T>(dc0);
     lstm_backward<T>(pool, sizes_of(x, h0, reverse, masked), io);
   });
@@ -1058,7 +1054,6 @@ ffi::Error GruBackwardGatesImpl(JLSTM_GRU_BACKWARD_PARAMS, ffi::Result<ffi::AnyB
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmForward, LstmForwardImpl,
                               JLSTM_FORWARD_ARGS
                                   .Ret<ffi::AnyBuffer>()    // cs
-                                  .Ret<ffi::AnyBuffer>()    // tanh(cs)
                                   .Ret<ffi::AnyBuffer>());  // gate activations
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmInference, LstmInferenceImpl, JLSTM_FORWARD_ARGS);
@@ -1071,7 +1066,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmInference, LstmInferenceImpl, JLSTM_FORWA
       .Arg<ffi::AnyBuffer>()       /* w_hh */                 \
       .Arg<ffi::AnyBuffer>()       /* gate activations */     \
       .Arg<ffi::AnyBuffer>()       /* cs */                   \
-      .Arg<ffi::AnyBuffer>()       /* tanh(cs) */             \
       .Arg<ffi::AnyBuffer>()       /* hs */                   \
       .Arg<ffi::AnyBuffer>()       /* h0 */                   \
       .Arg<ffi::AnyBuffer>()       /* c0 */                   \
