@@ -10,7 +10,7 @@
 // sequential recurrence.
 //
 // Per layer direction: a forward that saves what the backward needs (gate activations, and for the
-// LSTM c_t and tanh(c_t)), or nothing when no gradient is taken; a backward that runs the loop
+// LSTM c_t), or nothing when no gradient is taken; a backward that runs the loop
 // backwards and either sums the weight gradients itself or hands every step's gate gradients to
 // XLA's whole-sequence GEMMs (jlstm.native chooses by size). Packed sequences: a step whose
 // `valid` byte is 0 keeps the carry and passes its gradient through, with zero gate gradients.
@@ -489,7 +489,7 @@ struct Buffers {
 // [W_ih W_hh]^T, so no (L, N, 4H) input projection is ever written to memory. Without `acts`
 // (inference) nothing is saved for the backward: c lives in a per-thread buffer and only c_n is
 // written; with it, every step's c and gate activations are saved (the backward recomputes
-// tanh(c) from c rather than read a sixth (L, N, H) buffer: less memory and traffic).
+// tanh(c) from c rather than keep it as one more (L, N, H) buffer: less memory and traffic).
 template <typename T>
 void lstm_forward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
   Arena::Scope scratch;  // this call's scratch on the calling thread
