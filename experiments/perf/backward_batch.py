@@ -1,15 +1,16 @@
-"""Backs ``jlstm.native.WEIGHTS_IN_LOOP_MIN_BATCH`` and BENCHMARKS.md's batch-1 backward figures:
-``python -m experiments.perf.backward_batch 1,2,3 64,256``. For each batch size and hidden size
-(an LSTM, T=128, I=64, one layer), the C++ loop's train step compiled both ways its backward can
-end:
+"""Backs ``jlstm.native.WEIGHTS_IN_LOOP_BYTES`` for small batches and BENCHMARKS.md's batch-1
+backward figures: ``python -m experiments.perf.backward_batch 1,2,3 64,256``. For each batch size
+and hidden size (an LSTM, T=128, I=64, one layer), the C++ loop's train step compiled both ways its
+backward can end:
 
-- ``in loop``: the backward loop sums the weight gradients itself as it goes,
+- ``in loop``: the backward loop sums the weight gradients itself as it goes (a small batch's steps
+  in groups),
 - ``gates out``: it hands every step's gate gradients to XLA's whole-sequence GEMMs.
 
 Each setting runs in a process of its own, the two alternating for ``rounds`` rounds (default 3):
 in one process the two programs' buffers come and go between each other's calls, which changes
 what the memory allocator hands back to the system and so the very cost being compared. A process
-sets ``jlstm.native``'s public limits (``WEIGHTS_IN_LOOP_MIN_BATCH``, ``WEIGHTS_IN_LOOP_BYTES``),
+sets ``jlstm.native``'s public limit (``WEIGHTS_IN_LOOP_BYTES``: the default, or 0 for gates out),
 checks the gradients against ``impl="scan"``, and prints the median wall time of 21 steps.
 """
 
@@ -24,7 +25,6 @@ SETTINGS = ("in loop", "gates out")
 def child(batch: int, hidden: int, setting: str) -> None:
     from jlstm import native
 
-    native.WEIGHTS_IN_LOOP_MIN_BATCH = 1
     if setting == "gates out":
         native.WEIGHTS_IN_LOOP_BYTES = 0
     print(f"{checked_train_ms(Case('lstm', batch, 128, 64, hidden, 1, False)):.3f}")
