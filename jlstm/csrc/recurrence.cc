@@ -430,9 +430,10 @@ void unit_range(int64_t hidden, int k, int n, int64_t& first, int64_t& last) {
 
 // How many steps the in-loop backward adds into the weight gradients at once for a batch of n: at
 // least 64 rows of gate gradients per pass over a thread's rows (a pass loads and stores every
-// entry, so a batch of 16 did 16 multiply-adds per entry per pass and spent its time moving the
-// rows), at most 16 steps. JLSTM_ACCUMULATION_ROWS overrides the 64 (1: a step at a time), for
-// `python -m experiments.perf.accumulation_rows`, which measures the choice (BENCHMARKS.md).
+// entry: a batch of 1 added one step at a time did one multiply-add per entry per pass; grouped,
+// the batch-1 `small` case's train step takes 0.54-0.72 of the time), at most 16 steps.
+// JLSTM_ACCUMULATION_ROWS overrides the 64 (1: a step at a time), for `python -m
+// experiments.perf.accumulation_rows`, which measures the choice (BENCHMARKS.md).
 int64_t accumulation_group(int64_t n) {
   static const int64_t rows = [] {
     const char* env = std::getenv("JLSTM_ACCUMULATION_ROWS");
