@@ -473,6 +473,21 @@ struct Sizes {
   int64_t time(int64_t s) const { return reverse ? length - 1 - s : s; }
 };
 
+// The in-loop backward's step buffers, taken in turn (LSTM and GRU): step s's gate gradients and
+// [x_t, h_{t-1}] go to slot s % slots, at least two so that a thread's next step never overwrites
+// what another is still reading. The weight gradients are updated once per group of steps, at the
+// group's last step processed (s % group == 0): steps s, s + 1, ... sit in slots 0, 1, ... in a
+// row, so their rows are one matrix of rows(s) rows.
+struct StepGroups {
+  int64_t group, slots, batch, length;
+  explicit StepGroups(const Sizes& z)
+      : group(accumulation_group(z.batch)), slots(std::max<int64_t>(2, group)), batch(z.batch),
+        length(z.length) {}
+  int64_t slot(int64_t s) const { return s % slots; }
+  // The rows of gate gradients to add into the weight gradients at step s: 0 but at a group's end.
+  int64_t rows(int64_t s) const { return s % group ? 0 : (std::min(s + group, length) - s) * batch; }
+};
+
 // Pointers into XLA's buffers, null where a call has no such buffer. Shapes: x (L, N, I); w_ih
 // (4H, I), dw_ih (4H, I); w_hh, dw_hh (4H, H); bias, db (4H); h0, c0, c_n, dh_n, dc_n, dh0, dc0
 // (N, H); hs, cs, dys (L, N, H); dx (L, N, I); acts (L, N, 4H); valid (L, N) bytes when
@@ -590,10 +605,8 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
   const int64_t KP = (K + PackedB<T>::kNR - 1) / PackedB<T>::kNR * PackedB<T>::kNR;
   const int n = threads_for(H);
   const bool in_loop = io.dw_ih != nullptr;
-  // Step s's gate gradients go to slot s % slots; a group of `group` steps (s % group == 0 down to
-  // the next) sits in slots 0, 1, ... in a row, so their rows are one (group * N, G) matrix.
-  const int64_t group = in_loop ? accumulation_group(N) : 1, slots = std::max<int64_t>(2, group);
-  Scratch<T> step_dgates(in_loop ? slots * N * G : 0);
+  const StepGroups steps(z);
+  Scratch<T> step_dgates(in_loop ? steps.slots * N * G : 0);
   prefer_huge_pages(in_loop ? io.dx : io.dgates, z.length * N * (in_loop ? I : G) * sizeof(T));
   Barrier barrier;
   run_team(pool, n, 8.0 * z.length * N * G * (K + H), [&](int k, int threads) {
@@ -605,7 +618,7 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
     const PackedB<T> w_ih_own(G, nx, G, [&](int64_t r, int64_t j) { return io.w_ih[r * I + x0 + j]; });
     // dh, dc of this thread's units; the GEMM's dh_{t-1}; [x_t, h_{t-1}] zero-padded to KP columns;
     // this thread's rows of [dW_ih dW_hh] (gate-major, KP columns) and of db.
-    Scratch<T> dh(N * nu), dc(N * nu), dh_prev(N * nu), v(in_loop ? slots * N * KP : 0, T(0));
+    Scratch<T> dh(N * nu), dc(N * nu), dh_prev(N * nu), v(in_loop ? steps.slots * N * KP : 0, T(0));
     Scratch<T> dw(in_loop ? 4 * nu * KP : 0, T(0)), db(4 * nu, T(0));
     for (int64_t b = 0; b < N; ++b) {
       std::copy(io.dh_n + b * H + u0, io.dh_n + b * H + u1, &dh[b * nu]);
@@ -615,7 +628,7 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
       const int64_t t = z.time(s);
       const T* c_prev = s == 0 ? io.c0 : io.cs + z.time(s - 1) * N * H;
       const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
-      const int64_t slot = s % slots;
+      const int64_t slot = steps.slot(s);
       T* dgates = in_loop ? step_dgates.data() + slot * N * G : io.dgates + t * N * G;
       for (int64_t b = 0; b < N; ++b) {
         const int64_t row = t * N + b;
@@ -660,8 +673,7 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
           std::copy(io.x + (t * N + b) * I, io.x + (t * N + b + 1) * I, &vs[b * KP]);
           std::copy(h_prev + b * H, h_prev + (b + 1) * H, &vs[b * KP + I]);
         }
-        if (s % group == 0) {  // steps s .. s + rows/N - 1, in slots `slot` on (0 on, for groups)
-          const int64_t rows = (std::min(s + group, z.length) - s) * N;
+        if (const int64_t rows = steps.rows(s)) {  // from slot 0 (= `slot`) on
           for (int64_t g = 0; g < 4; ++g)
             OuterAccumulate<T>::run(nu, KP, rows, dgates + g * H + u0, G, vs, KP, &dw[g * nu * KP], KP);
         }
@@ -768,9 +780,8 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
   const auto padded = [](int64_t n) { return (n + PackedB<T>::kNR - 1) / PackedB<T>::kNR * PackedB<T>::kNR; };
   const int64_t IP = padded(I), HP = padded(H);
   const bool in_loop = io.dw_ih != nullptr;
-  // As the LSTM's: step s's dxw in slot s % slots of the first half, its dhw in the second.
-  const int64_t group = in_loop ? accumulation_group(N) : 1, slots = std::max<int64_t>(2, group);
-  Scratch<T> step(in_loop ? 2 * slots * N * G : 0);
+  const StepGroups steps(z);  // step s's dxw in slot steps.slot(s) of the first half, dhw the second
+  Scratch<T> step(in_loop ? 2 * steps.slots * N * G : 0);
   if (in_loop) {
     prefer_huge_pages(io.dx, z.length * N * I * sizeof(T));
   } else {
@@ -787,16 +798,17 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
     // dh of this thread's units, the GEMM's part of dh_{t-1} and the direct part (dh_total * z);
     // x_t and h_{t-1} zero-padded to whole panels; this thread's rows of dW_ih, dW_hh, db, db_hn.
     Scratch<T> dh(N * nu), dh_prev(N * nu), direct(N * nu);
-    Scratch<T> vx(in_loop ? slots * N * IP : 0, T(0)), vh(in_loop ? slots * N * HP : 0, T(0));
+    Scratch<T> vx(in_loop ? steps.slots * N * IP : 0, T(0));
+    Scratch<T> vh(in_loop ? steps.slots * N * HP : 0, T(0));
     Scratch<T> dwx(in_loop ? 3 * nu * IP : 0, T(0)), dwh(in_loop ? 3 * nu * HP : 0, T(0));
     Scratch<T> db(3 * nu, T(0)), db_hn(nu, T(0));
     for (int64_t b = 0; b < N; ++b) std::copy(io.dh_n + b * H + u0, io.dh_n + b * H + u1, &dh[b * nu]);
     for (int64_t s = z.length - 1; s >= 0; --s) {
       const int64_t t = z.time(s);
       const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
-      const int64_t slot = s % slots;
+      const int64_t slot = steps.slot(s);
       T* dxw = in_loop ? step.data() + slot * N * G : io.dxw + t * N * G;
-      T* dhw = in_loop ? dxw + slots * N * G : io.dhw + t * N * G;
+      T* dhw = in_loop ? dxw + steps.slots * N * G : io.dhw + t * N * G;
       for (int64_t b = 0; b < N; ++b) {
         const int64_t row = t * N + b;
         T* gx = dxw + b * G + u0;
@@ -845,8 +857,7 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
           std::copy(io.x + (t * N + b) * I, io.x + (t * N + b + 1) * I, &xs[b * IP]);
           std::copy(h_prev + b * H, h_prev + (b + 1) * H, &hps[b * HP]);
         }
-        if (s % group == 0) {  // a group of steps at once, as the LSTM's
-          const int64_t rows = (std::min(s + group, z.length) - s) * N;
+        if (const int64_t rows = steps.rows(s)) {  // a group of steps at once, as the LSTM's
           for (int64_t g = 0; g < 3; ++g) {
             OuterAccumulate<T>::run(nu, IP, rows, dxw + g * H + u0, G, xs, IP, &dwx[g * nu * IP], IP);
             OuterAccumulate<T>::run(nu, HP, rows, dhw + g * H + u0, G, hps, HP, &dwh[g * nu * HP], HP);
