@@ -150,8 +150,10 @@ def _valid_bytes(valid):
     return valid[..., 0].astype(jnp.uint8)
 
 
-def _call(name, outs, *args, valid, reverse):
-    return jax.ffi.ffi_call(f"jlstm_{name}", outs, vmap_method="sequential")(
+def _call(name, outs, *args, valid, reverse, aliases=None):
+    return jax.ffi.ffi_call(
+        f"jlstm_{name}", outs, vmap_method="sequential", input_output_aliases=aliases
+    )(
         *args,
         _valid_bytes(valid),
         reverse=np.int64(reverse),
@@ -191,6 +193,13 @@ def _forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, save):
 # multiply-adds per step (`python -m experiments.perf.backward_batch 1,2 256`, BENCHMARKS.md).
 WEIGHTS_IN_LOOP_BYTES = 2 * 1024 * 1024
 
+# Gates out, the LSTM backward writes its gate gradients over the saved gates (an input-output
+# alias: a step's in place, each thread over the gates it has just read): the train step allocates
+# one (L, N, 4H) buffer fewer. On wide (128 x 64 x 512 -> 1024) XLA's temporaries fall from 352 to
+# 224 MiB and the step took 0.79-0.96 of its time in 4 alternating rounds (`python -m
+# experiments.perf.saved_gates wide`, BENCHMARKS.md). False: a buffer of their own, for that script.
+OVERWRITE_SAVED_GATES = True
+
 
 def _threads() -> int:
     env = os.environ.get("JLSTM_NATIVE_THREADS", "")
@@ -223,7 +232,10 @@ def _bwd(reverse, residuals, cotangents):
         )
         return dw_ih, dw_hh, dbias, dx, dh0, dc0, None
     outs = tuple(like(a.shape, x) for a in (acts, h0, c0))
-    dgates, dh0, dc0 = _call("lstm_backward_gates", outs, *inputs, valid=valid, reverse=reverse)
+    aliases = {3: 0} if OVERWRITE_SAVED_GATES else None  # inputs[3], acts, becomes dgates
+    dgates, dh0, dc0 = _call(
+        "lstm_backward_gates", outs, *inputs, valid=valid, reverse=reverse, aliases=aliases
+    )
     dw_ih, dbias, dx = input_grads(dgates, x, w_ih)
     hs_prev = previous(hs, h0, reverse)
     return dw_ih, weight_grad(dgates, hs_prev), dbias, dx, dh0, dc0, None

@@ -131,6 +131,29 @@ def test_vmap_over_independent_problems(kind):
     assert_trees_close(got, jax.tree.map(lambda *a: jnp.stack(a), *want), rtol=1e-12, atol=1e-12)
 
 
+def test_gates_out_overwrites_the_saved_gates(monkeypatch):
+    """Gates out, the LSTM backward writes its gate gradients over the saved gates (one (L, N, 4H)
+    buffer fewer per train step): the call declares the alias, and gradients under jit and vmap
+    (where XLA must copy what a later use still needs) are the scan path's."""
+    monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_BYTES", 0)
+    jax.clear_caches()
+    params, x, state = _problem("lstm", 5, 3, 4, 20, jnp.float64, layers=2, bidirectional=True)
+
+    def loss(p, x, impl):
+        ys, (h_n, c_n) = jlstm.lstm(p, x, state, impl=impl)
+        return jnp.sum(ys * jnp.cos(ys)) + jnp.sum(h_n * c_n)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    text = grad.lower(params, x, "native").as_text()
+    calls = [line for line in text.splitlines() if "@jlstm_lstm_backward_gates" in line]
+    assert len(calls) == 4 and all("output_operand_aliases" in c for c in calls)
+    xs = jnp.stack([x, -2 * x, x[::-1]])
+    got = jax.vmap(lambda x: grad(params, x, "native"))(xs)
+    want = [grad(params, x, "scan") for x in xs]
+    assert_trees_close(got, jax.tree.map(lambda *a: jnp.stack(a), *want), rtol=1e-10, atol=1e-10)
+    jax.clear_caches()
+
+
 def test_concurrent_calls_agree_with_one_call():
     """Calls from several Python threads at once share the kernel's thread pool (a call that finds
     it busy runs alone); every result is the one a single call gives."""

@@ -597,7 +597,9 @@ void lstm_forward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
 //   gradients stay in its core's cache (jlstm.native chooses). A small batch adds a group of steps
 //   at once (accumulation_group): each pass over the rows then does more multiply-adds per entry.
 // - gate gradients out (io.dgates given): every step's gate gradients go to io.dgates, and XLA
-//   forms dW, db and dx as whole-sequence GEMMs on every core (large layers).
+//   forms dW, db and dx as whole-sequence GEMMs on every core (large layers). io.dgates may be
+//   io.acts itself (jlstm.native aliases them): each thread writes a step's gate gradients of its
+//   units where it has just read their gates, and nothing reads those gates again.
 template <typename T>
 void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
   Arena::Scope scratch;  // this call's scratch on the calling thread
