@@ -196,7 +196,7 @@ WEIGHTS_IN_LOOP_BYTES = 2 * 1024 * 1024
 # Gates out, the LSTM backward writes its gate gradients over the saved gates (an input-output
 # alias: a step's in place, each thread over the gates it has just read): the train step allocates
 # one (L, N, 4H) buffer fewer. On wide (128 x 64 x 512 -> 1024) XLA's temporaries fall from 352 to
-# 224 MiB and the step took 0.79-0.96 of its time in 4 alternating rounds (`python -m
+# 224 MiB and the step took 0.78-0.95 of its time in 4 alternating rounds (`python -m
 # experiments.perf.saved_gates wide`, BENCHMARKS.md). False: a buffer of their own, for that script.
 OVERWRITE_SAVED_GATES = True
 

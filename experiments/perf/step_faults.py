@@ -1,0 +1,45 @@
+"""What one jitted step of a benchmark case costs the operating system: ``python -m
+experiments.perf.step_faults wide train 5``. For each of ``steps`` calls after a warm-up call,
+prints the wall time, the process's user and system CPU time and its minor page faults (getrusage).
+
+XLA allocates a program's temporaries afresh on every run, so the first write to each of their
+pages is a page fault in which the kernel zeroes the page; the system time and the fault count say
+how much of a step that costs, next to the wall time.
+"""
+
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench.cases import CASES
+from experiments.perf.common import layer_and_init, problem
+
+
+def main(name: str, mode: str, steps: int) -> None:
+    case = CASES[name]
+    layer, _ = layer_and_init(case)
+    params, x, cot = problem(case)
+
+    def loss(p, x):
+        return jnp.sum(layer(p, x)[0] * cot)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)) if mode == "train" else loss)
+    jax.block_until_ready(step(params, x))
+    for _ in range(steps):
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        jax.block_until_ready(step(params, x))
+        wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+        user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+        faults = after.ru_minflt - before.ru_minflt
+        print(
+            f"{name} {mode}: wall {wall * 1e3:.0f} ms, user {user * 1e3:.0f} ms, "
+            f"system {system * 1e3:.0f} ms, {faults} minor page faults",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 5)
