@@ -133,8 +133,9 @@ def test_vmap_over_independent_problems(kind):
 
 def test_gates_out_overwrites_the_saved_gates(monkeypatch):
     """Gates out, the LSTM backward writes its gate gradients over the saved gates (one (L, N, 4H)
-    buffer fewer per train step): the call declares the alias, and gradients under jit and vmap
-    (where XLA must copy what a later use still needs) are the scan path's."""
+    buffer fewer per train step): the call declares the alias, gradients under jit and vmap (where
+    XLA must copy what a later use still needs) are the scan path's, and a jax.export round trip
+    keeps the alias and the numbers."""
     monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_BYTES", 0)
     jax.clear_caches()
     params, x, state = _problem("lstm", 5, 3, 4, 20, jnp.float64, layers=2, bidirectional=True)
@@ -151,6 +152,12 @@ def test_gates_out_overwrites_the_saved_gates(monkeypatch):
     got = jax.vmap(lambda x: grad(params, x, "native"))(xs)
     want = [grad(params, x, "scan") for x in xs]
     assert_trees_close(got, jax.tree.map(lambda *a: jnp.stack(a), *want), rtol=1e-10, atol=1e-10)
+    step = jax.jit(lambda p, x: grad(p, x, "native"))
+    exported = jax.export.export(step, platforms=["cpu"], disabled_checks=native.export_checks())
+    exported = exported(params, x)
+    assert "output_operand_aliases" in exported.mlir_module()
+    restored = jax.export.deserialize(exported.serialize())
+    assert_trees_close(restored.call(params, x), step(params, x), rtol=0, atol=0)
     jax.clear_caches()
 
 
