@@ -3,6 +3,10 @@ says which, and the command). They time jlstm through its public API on experime
 
 - ``knobs``: in-process A/B of public options (``checkpoint_every``, ``impl``), fwd and train.
 - ``backward_batch``: the C++ loop's two ways to end a backward, by batch and hidden size.
+- ``accumulation_rows``: how many gate-gradient rows the in-loop backward adds into the weight
+  gradients per pass.
+- ``saved_gates``: gate gradients written over the saved gates, or into a buffer of their own.
+- ``step_faults``: a step's wall, user and system time and its page faults.
 - ``flags``: jlstm's CPU time under process-wide settings (``XLA_FLAGS``, ``JLSTM_NATIVE_THREADS``).
 - ``concurrency``: whether XLA CPU runs a large GEMM, and a loop body's independent dots, on all
   cores.
