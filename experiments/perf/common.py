@@ -66,19 +66,21 @@ def report(title: str, med: dict, base: str, per: int | None = None) -> None:
         )
 
 
+def train_step(case: Case, cot, impl: str = "auto"):
+    """The case's jitted train step, called as ``step(params, x)``: the gradients of ``sum(output *
+    cot)`` for the weights and the input (``problem``'s ``cot``)."""
+    layer, _ = layer_and_init(case)
+    loss = lambda p, x: jnp.sum(layer(p, x, impl=impl)[0] * cot)  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
 def checked_train_ms(case: Case, steps: int = 21) -> float:
     """Median wall milliseconds of ``steps`` calls of the case's jitted train step (gradients of
     ``sum(output * cot)`` for the weights and the input) on jlstm's C++ loop, after checking its
     gradients against ``impl="scan"`` to 1e-4 of each gradient's largest entry (as
     experiments.bench); a mismatch exits with the error."""
-    layer, _ = layer_and_init(case)
     params, x, cot = problem(case)
-
-    def step(impl):
-        loss = lambda p, x: jnp.sum(layer(p, x, impl=impl)[0] * cot)  # noqa: E731
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))
-
-    fast, reference = step("native"), step("scan")
+    fast, reference = train_step(case, cot, "native"), train_step(case, cot, "scan")
     got, want = (dict(enumerate(jax.tree.leaves(f(params, x)))) for f in (fast, reference))
     err = max_rel_err(got, {k: np.asarray(v) for k, v in want.items()})
     if err > 1e-4:

@@ -14,10 +14,9 @@ time of ``steps`` steps (default 9). Printed first: XLA's memory for the step ea
 import sys
 
 import jax
-import jax.numpy as jnp
 
 from experiments.bench.cases import CASES
-from experiments.perf.common import alternate, checked_train_ms, layer_and_init, problem
+from experiments.perf.common import alternate, checked_train_ms, problem, train_step
 from jlstm import native
 
 SETTINGS = ("overwrite", "own buffer")
@@ -25,10 +24,8 @@ SETTINGS = ("overwrite", "own buffer")
 
 def step_mib(case) -> float:
     """MiB of temporaries + outputs XLA assigns to the case's jitted train step."""
-    layer, _ = layer_and_init(case)
     params, x, cot = problem(case)
-    loss = lambda p, x: jnp.sum(layer(p, x)[0] * cot)  # noqa: E731
-    memory = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().memory_analysis()
+    memory = train_step(case, cot).lower(params, x).compile().memory_analysis()
     return (memory.temp_size_in_bytes + memory.output_size_in_bytes) / 2**20
 
 

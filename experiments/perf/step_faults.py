@@ -15,18 +15,17 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench.cases import CASES
-from experiments.perf.common import layer_and_init, problem
+from experiments.perf.common import layer_and_init, problem, train_step
 
 
 def main(name: str, mode: str, steps: int) -> None:
     case = CASES[name]
-    layer, _ = layer_and_init(case)
     params, x, cot = problem(case)
-
-    def loss(p, x):
-        return jnp.sum(layer(p, x)[0] * cot)
-
-    step = jax.jit(jax.grad(loss, argnums=(0, 1)) if mode == "train" else loss)
+    if mode == "train":
+        step = train_step(case, cot)
+    else:
+        layer, _ = layer_and_init(case)
+        step = jax.jit(lambda p, x: jnp.sum(layer(p, x)[0] * cot))
     jax.block_until_ready(step(params, x))
     for _ in range(steps):
         before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
