@@ -34,7 +34,7 @@ from jlstm import loops
 from jlstm.loops import input_grads, like, outputs, previous, weight_grad
 
 SOURCE = Path(__file__).parent / "csrc" / "recurrence.cc"
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp-simd")
 FLAGS += ("-std=c++20", "-shared", "-fPIC", "-pthread")
 DTYPES = (jnp.float32, jnp.float64)
 # The custom-call targets in csrc/recurrence.cc, registered as jlstm_<name> (symbol Jlstm<Name>).

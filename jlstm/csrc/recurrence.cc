@@ -16,6 +16,7 @@
 // `valid` byte is 0 keeps the carry and passes its gradient through, with zero gate gradients.
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -25,6 +26,7 @@
 #include <functional>
 #include <memory>
 #include <new>
+#include <utility>
 #include <thread>
 #include <vector>
 
@@ -151,9 +153,9 @@ using Scratch = std::vector<T, ArenaAllocator<T>>;
 // ------------------------------------------------------------------------------------------------
 // GEMM with a fixed right operand: C (m x n) = A (m x k, row-major) @ B (k x n).
 //
-// Every step multiplies by the same weights, so B is packed once per call into panels of two SIMD
-// vectors of columns (k x 2W each, W = 64 bytes / sizeof(T)), and an 8-row x 2W register tile runs
-// over k with one broadcast of A per row and two vector loads of B. At the sizes of a step (a few
+// Every step multiplies by the same weights, so B is packed once per call into panels of kNV SIMD
+// vectors of columns (k x kNV W each, W = 64 bytes / sizeof(T)), and an 8-row x kNV W register
+// tile runs over k with one broadcast of A per row and kNV vector loads of B. At the sizes of a step (a few
 // dozen rows) this is about twice as fast as calling OpenBLAS, whose packing of A and B on every
 // call dominates. The large GEMMs before and after the loop are XLA's.
 
@@ -175,15 +177,27 @@ class PackedB {
  public:
   static constexpr int kW = sizeof(Vec<T>) / sizeof(T);
   static_assert(kW > 1, "Vec<T> must be a vector");
-  static constexpr int kNR = 2 * kW;
+  // Vectors per panel. With AVX-512's 32 registers an 8 x 3 tile (24 accumulators) loads 11
+  // operands per 24 FMAs where 8 x 2 loads 10 per 16: 5-10 % more GFLOP/s per core on an Intel
+  // Xeon (Sapphire Rapids class) and an AMD EPYC (Zen 4). With 16 registers (AVX2), where a Vec<T>
+  // is two of them, 8 x 2 stays.
+#ifdef __AVX512F__
+  static constexpr int kNV = 3;
+#else
+  static constexpr int kNV = 2;
+#endif
+  static constexpr int kNR = kNV * kW;
 
-  // B[r, col] = at(r, col) for r < k, col < n; zero-padded to whole panels. Rows [0, split) of B
-  // multiply the first left operand, rows [split, k) the second (see multiply).
+  // B[r, col] = at(r, col) for r < k, col < n; zero-padded to whole vectors. Rows [0, split) of B
+  // multiply the first left operand, rows [split, k) the second (see multiply). Panel p holds
+  // columns [p kNR, p kNR + kNR), the last one as few vectors as its columns need, row by row.
   template <typename At>
   PackedB(int64_t k, int64_t n, int64_t split, At at)
       : k_(k), n_(n), split_(split), data_(panels() * k * kNR, T(0)) {
-    for (int64_t col = 0; col < n; ++col)
-      for (int64_t r = 0; r < k; ++r) data_[(col / kNR * k + r) * kNR + col % kNR] = at(r, col);
+    for (int64_t col = 0; col < n; ++col) {
+      const int64_t p = col / kNR, width = vectors(p) * kW;
+      for (int64_t r = 0; r < k; ++r) data_[p * k * kNR + r * width + col % kNR] = at(r, col);
+    }
   }
 
   int64_t panels() const { return (n_ + kNR - 1) / kNR; }
@@ -192,69 +206,84 @@ class PackedB {
   // leading dimension (a step's x_t and h_{t-1}, without copying them side by side).
   void multiply(int64_t m, const T* a1, int64_t lda1, const T* a2, int64_t lda2, T* c,
                 int64_t ldc) const {
-    using Tile = void (PackedB::*)(const T*, int64_t, const T*, int64_t, const T*, T*, int64_t,
-                                   int64_t) const;
-    static constexpr Tile tiles[] = {nullptr,        &PackedB::tile<1>, &PackedB::tile<2>,
-                                     &PackedB::tile<3>, &PackedB::tile<4>, &PackedB::tile<5>,
-                                     &PackedB::tile<6>, &PackedB::tile<7>, &PackedB::tile<8>};
     for (int64_t p = 0; p < panels(); ++p) {
       const T* bp = data_.data() + p * k_ * kNR;
-      const int64_t cols = std::min<int64_t>(kNR, n_ - p * kNR);
+      const int64_t cols = std::min<int64_t>(kNR, n_ - p * kNR), nv = vectors(p);
       for (int64_t i = 0; i < m; i += 8)
-        (this->*tiles[std::min<int64_t>(8, m - i)])(a1 + i * lda1, lda1, a2 + i * lda2, lda2, bp,
-                                                    c + i * ldc + p * kNR, ldc, cols);
+        (this->*kTiles[nv - 1][std::min<int64_t>(8, m - i) - 1])(
+            a1 + i * lda1, lda1, a2 + i * lda2, lda2, bp, c + i * ldc + p * kNR, ldc, cols);
     }
   }
 
  private:
+  using Tile = void (PackedB::*)(const T*, int64_t, const T*, int64_t, const T*, T*, int64_t,
+                                 int64_t) const;
+  template <int NV, size_t... MR>
+  static constexpr std::array<Tile, 8> row_tiles(std::index_sequence<MR...>) {
+    return {&PackedB::tile<int(MR) + 1, NV>...};
+  }
+  template <size_t... NV>
+  static constexpr std::array<std::array<Tile, 8>, kNV> all_tiles(std::index_sequence<NV...>) {
+    return {row_tiles<int(NV) + 1>(std::make_index_sequence<8>())...};
+  }
+  static constexpr std::array<std::array<Tile, 8>, kNV> kTiles =
+      all_tiles(std::make_index_sequence<kNV>());
+
+  // Vectors in panel p: kNV but in the last panel, which has only what its columns need.
+  int64_t vectors(int64_t p) const {
+    return std::min<int64_t>(kNV, (n_ - p * kNR + kW - 1) / kW);
+  }
+
   // acc[r % KS][i] += A[i, r] * bp[r] for A's rows i < MR: the register tile's inner loop. A
   // vector FMA waits on the one before it into the same accumulator (4 cycles on current x86
   // cores, which start two a cycle), so a tile of few rows (a batch of 1-3: a matrix-vector
   // product per step) also splits k over KS partial sums to keep eight or more FMAs in flight.
-  template <int MR, int KS>
-  static void accumulate(Vec<T> (&acc)[KS][MR][2], const T* a, int64_t lda, const T* bp,
+  template <int MR, int NV, int KS>
+  static void accumulate(Vec<T> (&acc)[KS][MR][NV], const T* a, int64_t lda, const T* bp,
                          int64_t rows) {
     int64_t r = 0;
     for (; r + KS <= rows; r += KS)
-#pragma GCC unroll 4
-      for (int s = 0; s < KS; ++s) step<MR>(acc[s], a + r + s, lda, bp + (r + s) * kNR);
-    for (; r < rows; ++r) step<MR>(acc[0], a + r, lda, bp + r * kNR);
+#pragma GCC unroll 8
+      for (int s = 0; s < KS; ++s) step<MR, NV>(acc[s], a + r + s, lda, bp + (r + s) * NV * kW);
+    for (; r < rows; ++r) step<MR, NV>(acc[0], a + r, lda, bp + r * NV * kW);
   }
 
-  template <int MR>
-  static void step(Vec<T> (&acc)[MR][2], const T* a, int64_t lda, const T* b) {
-    Vec<T> b0, b1;
-    std::memcpy(&b0, b, sizeof(b0));
-    std::memcpy(&b1, b + kW, sizeof(b1));
+  template <int MR, int NV>
+  static void step(Vec<T> (&acc)[MR][NV], const T* a, int64_t lda, const T* b) {
+    Vec<T> bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) std::memcpy(&bv[j], b + j * kW, sizeof(bv[j]));
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const T ai = a[i * lda];
-      acc[i][0] += ai * b0;
-      acc[i][1] += ai * b1;
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] += ai * bv[j];
     }
   }
 
-  template <int MR>
+  template <int MR, int NV>
   void tile(const T* a1, int64_t lda1, const T* a2, int64_t lda2, const T* bp, T* c, int64_t ldc,
             int64_t cols) const {
+    // By rows only: a column's sum must not depend on the width of its panel (bit-identical results
+    // whatever the split of the units over threads).
     constexpr int KS = MR >= 4 ? 1 : MR == 1 ? 4 : 2;
-    Vec<T> acc[KS][MR][2] = {};
-    accumulate<MR, KS>(acc, a1, lda1, bp, split_);
-    accumulate<MR, KS>(acc, a2, lda2, bp + split_ * kNR, k_ - split_);
-#pragma GCC unroll 4
+    Vec<T> acc[KS][MR][NV] = {};
+    accumulate<MR, NV, KS>(acc, a1, lda1, bp, split_);
+    accumulate<MR, NV, KS>(acc, a2, lda2, bp + split_ * NV * kW, k_ - split_);
+#pragma GCC unroll 8
     for (int s = 1; s < KS; ++s)
 #pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        acc[0][i][0] += acc[s][i][0];
-        acc[0][i][1] += acc[s][i][1];
-      }
+      for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) acc[0][i][j] += acc[s][i][j];
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      if (cols == kNR) {
-        std::memcpy(c + i * ldc, &acc[0][i][0], sizeof(acc[0][i][0]));
-        std::memcpy(c + i * ldc + kW, &acc[0][i][1], sizeof(acc[0][i][1]));
+      if (cols == NV * kW) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j)
+          std::memcpy(c + i * ldc + j * kW, &acc[0][i][j], sizeof(acc[0][i][j]));
       } else {
-        T row[kNR];
+        T row[NV * kW];
         std::memcpy(row, acc[0][i], sizeof(row));
         std::copy(row, row + cols, c + i * ldc);
       }
@@ -272,7 +301,7 @@ template <typename T>
 class OuterAccumulate {
  public:
   static constexpr int kW = PackedB<T>::kW;
-  static constexpr int kNR = PackedB<T>::kNR;
+  static constexpr int kNR = 2 * kW;  // panels of two vectors
 
   static void run(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
                   int64_t ldb, T* c, int64_t ldc) {
@@ -604,7 +633,7 @@ template <typename T>
 void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
   Arena::Scope scratch;  // this call's scratch on the calling thread
   const int64_t N = z.batch, I = z.input, H = z.hidden, G = 4 * H, K = I + H;
-  const int64_t KP = (K + PackedB<T>::kNR - 1) / PackedB<T>::kNR * PackedB<T>::kNR;
+  const int64_t KP = (K + OuterAccumulate<T>::kNR - 1) / OuterAccumulate<T>::kNR * OuterAccumulate<T>::kNR;
   const int n = threads_for(H);
   const bool in_loop = io.dw_ih != nullptr;
   const StepGroups steps(z);
@@ -779,7 +808,7 @@ template <typename T>
 void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io) {
   Arena::Scope scratch;  // this call's scratch on the calling thread
   const int64_t N = z.batch, I = z.input, H = z.hidden, G = 3 * H;
-  const auto padded = [](int64_t n) { return (n + PackedB<T>::kNR - 1) / PackedB<T>::kNR * PackedB<T>::kNR; };
+  const auto padded = [](int64_t n) { return (n + OuterAccumulate<T>::kNR - 1) / OuterAccumulate<T>::kNR * OuterAccumulate<T>::kNR; };
   const int64_t IP = padded(I), HP = padded(H);
   const bool in_loop = io.dw_ih != nullptr;
   const StepGroups steps(z);  // step s's dxw in slot steps.slot(s) of the first half, dhw the second
