@@ -295,13 +295,14 @@ class PackedB {
 };
 
 // C (m x n) += A^T B for A (k x m) with row stride lda, B (k x n) row-major with n a whole number
-// of 2W-wide panels: the weight-gradient update of one step, sum over the batch rows b of
-// dgates[b, rows] (x) [x_t, h_{t-1}][b, :], accumulated in registers tile by tile.
+// of kNR-wide panels (PackedB's kNV vectors): the weight-gradient update of one step, sum over the
+// batch rows b of dgates[b, rows] (x) [x_t, h_{t-1}][b, :], accumulated in registers tile by tile.
 template <typename T>
 class OuterAccumulate {
  public:
   static constexpr int kW = PackedB<T>::kW;
-  static constexpr int kNR = 2 * kW;  // panels of two vectors
+  static constexpr int kNV = PackedB<T>::kNV;
+  static constexpr int kNR = kNV * kW;
 
   static void run(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
                   int64_t ldb, T* c, int64_t ldc) {
@@ -317,28 +318,26 @@ class OuterAccumulate {
   template <int MR>
   static void tile(int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
                    int64_t ldc) {
-    Vec<T> acc[MR][2];
+    Vec<T> acc[MR][kNV];
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      std::memcpy(&acc[i][0], c + i * ldc, sizeof(acc[i][0]));
-      std::memcpy(&acc[i][1], c + i * ldc + kW, sizeof(acc[i][1]));
-    }
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < kNV; ++j) std::memcpy(&acc[i][j], c + i * ldc + j * kW, sizeof(acc[i][j]));
     for (int64_t r = 0; r < k; ++r) {
-      Vec<T> b0, b1;
-      std::memcpy(&b0, b + r * ldb, sizeof(b0));
-      std::memcpy(&b1, b + r * ldb + kW, sizeof(b1));
+      Vec<T> bv[kNV];
+#pragma GCC unroll 4
+      for (int j = 0; j < kNV; ++j) std::memcpy(&bv[j], b + r * ldb + j * kW, sizeof(bv[j]));
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const T ai = a[r * lda + i];
-        acc[i][0] += ai * b0;
-        acc[i][1] += ai * b1;
+#pragma GCC unroll 4
+        for (int j = 0; j < kNV; ++j) acc[i][j] += ai * bv[j];
       }
     }
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      std::memcpy(c + i * ldc, &acc[i][0], sizeof(acc[i][0]));
-      std::memcpy(c + i * ldc + kW, &acc[i][1], sizeof(acc[i][1]));
-    }
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < kNV; ++j) std::memcpy(c + i * ldc + j * kW, &acc[i][j], sizeof(acc[i][j]));
   }
 };
 
