@@ -248,11 +248,19 @@ class PackedB {
     for (; r < rows; ++r) step<MR, NV>(acc[0], a + r, lda, bp + r * NV * kW);
   }
 
+  // Rows of B ahead that a step asks the cache for: the panel (k x kNV vectors) is read from L2
+  // and the hardware prefetcher alone leaves the FMAs waiting on it (a 128 x 1536 x 2048 product on
+  // one core of a Xeon, Sapphire Rapids class: 154 -> 175 GFLOP/s in a C++ harness).
+  static constexpr int kAhead = 8;
+
   template <int MR, int NV>
   static void step(Vec<T> (&acc)[MR][NV], const T* a, int64_t lda, const T* b) {
     Vec<T> bv[NV];
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) std::memcpy(&bv[j], b + j * kW, sizeof(bv[j]));
+    for (int j = 0; j < NV; ++j) {
+      __builtin_prefetch(b + (kAhead * NV + j) * kW);
+      std::memcpy(&bv[j], b + j * kW, sizeof(bv[j]));
+    }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const T ai = a[i * lda];
