@@ -7,6 +7,8 @@ says which, and the command). They time jlstm through its public API on experime
   gradients per pass.
 - ``saved_gates``: gate gradients written over the saved gates, or into a buffer of their own.
 - ``step_faults``: a step's wall, user and system time and its page faults.
+- ``tiles.cc`` (C++, built by hand, see its header): the C++ loop's register tiles and B prefetch
+  on one core, GFLOP/s by step shape.
 - ``flags``: jlstm's CPU time under process-wide settings (``XLA_FLAGS``, ``JLSTM_NATIVE_THREADS``).
 - ``concurrency``: whether XLA CPU runs a large GEMM, and a loop body's independent dots, on all
   cores.

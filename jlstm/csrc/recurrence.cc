@@ -178,15 +178,21 @@ class PackedB {
   static constexpr int kW = sizeof(Vec<T>) / sizeof(T);
   static_assert(kW > 1, "Vec<T> must be a vector");
   // Vectors per panel. With AVX-512's 32 registers an 8 x 3 tile (24 accumulators) loads 11
-  // operands per 24 FMAs where 8 x 2 loads 10 per 16: 5-10 % more GFLOP/s per core on an Intel
-  // Xeon (Sapphire Rapids class) and an AMD EPYC (Zen 4). With 16 registers (AVX2), where a Vec<T>
-  // is two of them, 8 x 2 stays.
+  // operands per 24 FMAs where 8 x 2 loads 10 per 16: 5-14 % more GFLOP/s on one core of a 2-core
+  // Intel Xeon (Sapphire Rapids class), on each benchmark case's step shape (2026-12-02,
+  // experiments/perf/tiles.cc; no AMD CPU measured). With 16 registers (AVX2), where a Vec<T> is
+  // two of them, 8 x 2 stays.
 #ifdef __AVX512F__
   static constexpr int kNV = 3;
 #else
   static constexpr int kNV = 2;
 #endif
   static constexpr int kNR = kNV * kW;
+  // Rows of B ahead that a step asks the cache for: the panel (k x kNV vectors) is read from L2,
+  // and with the hardware prefetcher alone the FMAs wait on it. Same harness and Xeon: 7-9 % more
+  // on the large steps (wide's forward and backward, medium's second layer), -2 to +3 % on the
+  // small ones.
+  static constexpr int kAhead = 8;
 
   // B[r, col] = at(r, col) for r < k, col < n; zero-padded to whole vectors. Rows [0, split) of B
   // multiply the first left operand, rows [split, k) the second (see multiply). Panel p holds
@@ -247,11 +253,6 @@ class PackedB {
       for (int s = 0; s < KS; ++s) step<MR, NV>(acc[s], a + r + s, lda, bp + (r + s) * NV * kW);
     for (; r < rows; ++r) step<MR, NV>(acc[0], a + r, lda, bp + r * NV * kW);
   }
-
-  // Rows of B ahead that a step asks the cache for: the panel (k x kNV vectors) is read from L2
-  // and the hardware prefetcher alone leaves the FMAs waiting on it (a 128 x 1536 x 2048 product on
-  // one core of a Xeon, Sapphire Rapids class: 154 -> 175 GFLOP/s in a C++ harness).
-  static constexpr int kAhead = 8;
 
   template <int MR, int NV>
   static void step(Vec<T> (&acc)[MR][NV], const T* a, int64_t lda, const T* b) {
