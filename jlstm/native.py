@@ -34,6 +34,11 @@ from jlstm import loops
 from jlstm.loops import input_grads, like, outputs, previous, weight_grad
 
 SOURCE = Path(__file__).parent / "csrc" / "recurrence.cc"
+# -mprefer-vector-width=512: where the CPU has AVX-512, GCC's -march=native tuning may still
+# vectorise loops at 256 bits (as on an Intel Xeon, Sapphire Rapids class); the gate loops then call
+# libmvec's 8-wide tanhf. At 512 bits they call the 16-wide one: in `perf record` profiles of the
+# wide forward (experiments.perf.profile_case) tanhf fell from 3.6 % to 1.8 % of the samples.
+# Ignored without AVX-512.
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp-simd")
 FLAGS += ("-std=c++20", "-shared", "-fPIC", "-pthread")
 DTYPES = (jnp.float32, jnp.float64)
