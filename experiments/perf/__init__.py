@@ -7,6 +7,8 @@ says which, and the command). They time jlstm through its public API on experime
   gradients per pass.
 - ``saved_gates``: gate gradients written over the saved gates, or into a buffer of their own.
 - ``step_faults``: a step's wall, user and system time and its page faults.
+- ``train_parts``: a train step's forward, saving forward and backward apart; XLA's GEMMs of
+  the wide backward next to ``torch.mm``.
 - ``tiles.cc`` (C++, built by hand, see its header): the C++ loop's register tiles and B prefetch
   on one core, GFLOP/s by step shape.
 - ``flags``: jlstm's CPU time under process-wide settings (``XLA_FLAGS``, ``JLSTM_NATIVE_THREADS``).
