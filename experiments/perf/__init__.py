@@ -6,7 +6,8 @@ says which, and the command). They time jlstm through its public API on experime
 - ``accumulation_rows``: how many gate-gradient rows the in-loop backward adds into the weight
   gradients per pass.
 - ``saved_gates``: gate gradients written over the saved gates, or into a buffer of their own.
-- ``step_faults``: a step's wall, user and system time and its page faults.
+- ``step_faults``: a step's wall, user and system time and its page faults, alone or each after
+  torch's step of the same case.
 - ``train_parts``: a train step's forward, saving forward and backward apart; XLA's GEMMs of
   the wide backward next to ``torch.mm``.
 - ``tiles.cc`` (C++, built by hand, see its header): the C++ loop's register tiles and B prefetch
