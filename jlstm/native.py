@@ -41,6 +41,9 @@ SOURCE = Path(__file__).parent / "csrc" / "recurrence.cc"
 # Ignored without AVX-512.
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp-simd")
 FLAGS += ("-std=c++20", "-shared", "-fPIC", "-pthread")
+# JLSTM_CXXFLAGS: more compiler flags, after these (e.g. "-mno-avx512f" builds the AVX2 kernels on
+# a CPU with AVX-512, as tests/test_native.py does to check them); part of the library's cache key.
+FLAGS += tuple(os.environ.get("JLSTM_CXXFLAGS", "").split())
 DTYPES = (jnp.float32, jnp.float64)
 # The custom-call targets in csrc/recurrence.cc, registered as jlstm_<name> (symbol Jlstm<Name>).
 TARGETS = (

@@ -187,6 +187,42 @@ np.savez(sys.argv[1], *results)
 """
 
 
+_AVX2_SCRIPT = """
+import sys, jax, jax.numpy as jnp
+sys.path.insert(0, sys.argv[1])
+from paths import assert_matches_the_scan_path
+from jlstm import native
+jax.config.update("jax_enable_x64", True)
+assert "-mno-avx512f" in native.FLAGS and native.available(), native.unavailable_reason()
+# Batch 7 = a 6-row tile + 1 and 13 = 2 tiles + 1 (AVX2's tiles have 6 rows); hidden 33 and 100
+# leave last panels of 1 and 2 vectors; weights in the loop and gates out.
+for in_loop in (native.WEIGHTS_IN_LOOP_BYTES, 0):
+    native.WEIGHTS_IN_LOOP_BYTES = in_loop
+    for size in ((5, 7, 3, 33), (4, 13, 5, 100), (3, 1, 2, 17)):
+        for kind in ("lstm", "gru"):
+            for dtype, tol in ((jnp.float64, 1e-12), (jnp.float32, 2e-5)):
+                assert_matches_the_scan_path("native", kind, size, dtype, tol)
+"""
+
+
+def _has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="needs an x86-64 CPU with AVX2")
+def test_avx2_build_matches_the_scan_path(tmp_path):
+    """The kernels as a CPU without AVX-512 builds them (32-byte vectors, 6 x 2 tiles), here built
+    with -mno-avx512f, against the lax.scan path; on a CPU without AVX-512 this is the default
+    build, which the rest of this file tests."""
+    env = dict(os.environ, JLSTM_CXXFLAGS="-mno-avx512f", JLSTM_CACHE=str(tmp_path))
+    subprocess.run(
+        [sys.executable, "-c", _AVX2_SCRIPT, str(ROOT / "tests")], env=env, cwd=ROOT, check=True
+    )
+
+
 def test_results_do_not_depend_on_the_number_of_threads(tmp_path):
     """Each thread owns a block of units; how the units are split must not change a single bit."""
     results = []

@@ -154,20 +154,28 @@ using Scratch = std::vector<T, ArenaAllocator<T>>;
 // GEMM with a fixed right operand: C (m x n) = A (m x k, row-major) @ B (k x n).
 //
 // Every step multiplies by the same weights, so B is packed once per call into panels of kNV SIMD
-// vectors of columns (k x kNV W each, W = 64 bytes / sizeof(T)), and an 8-row x kNV W register
-// tile runs over k with one broadcast of A per row and kNV vector loads of B. At the sizes of a step (a few
-// dozen rows) this is about twice as fast as calling OpenBLAS, whose packing of A and B on every
-// call dominates. The large GEMMs before and after the loop are XLA's.
+// vectors of columns (k x kNV W each, W = kVecBytes / sizeof(T)), and a kMR-row x kNV W register
+// tile runs over k with one broadcast of A per row and kNV vector loads of B. At the sizes of a
+// step (a few dozen rows) this is about twice as fast as calling OpenBLAS, whose packing of A and
+// B on every call dominates. The large GEMMs before and after the loop are XLA's.
+
+// The register tile: kMR rows x kNV vectors of accumulators. With AVX-512 (32 registers of 64
+// bytes) Vec<T> is one 64-byte register and the tile 8 x 3: 24 accumulators, 11 loads per 24 FMAs
+// (8 x 2 loads 10 per 16: 5-14 % fewer GFLOP/s on one core of a 2-core Intel Xeon, Sapphire
+// Rapids class, on each benchmark case's step shape, 2026-12-02, experiments/perf/tiles.cc).
+// With AVX2 (16 registers of 32 bytes) Vec<T> is one 32-byte register and the tile 6 x 2: 12
+// accumulators, the 2 vectors of B and a broadcast fit the 16. (A 64-byte vector there is two
+// registers, and an 8 x 2 tile of them, 32 accumulators, spilled to the stack on every FMA: built
+// with -mno-avx512f on that Xeon, the loop ran 11-22x slower than with AVX-512.)
+#ifdef __AVX512F__
+constexpr int kVecBytes = 64, kMR = 8, kNV = 3;
+#else
+constexpr int kVecBytes = 32, kMR = 6, kNV = 2;
+#endif
 
 template <typename T>
-struct VecOf;  // a 64-byte GCC vector of T (two AVX2 registers where there is no AVX-512)
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(64)));
+struct VecOf {
+  typedef T type __attribute__((vector_size(kVecBytes)));
 };
 template <typename T>
 using Vec = typename VecOf<T>::type;
@@ -177,16 +185,6 @@ class PackedB {
  public:
   static constexpr int kW = sizeof(Vec<T>) / sizeof(T);
   static_assert(kW > 1, "Vec<T> must be a vector");
-  // Vectors per panel. With AVX-512's 32 registers an 8 x 3 tile (24 accumulators) loads 11
-  // operands per 24 FMAs where 8 x 2 loads 10 per 16: 5-14 % more GFLOP/s on one core of a 2-core
-  // Intel Xeon (Sapphire Rapids class), on each benchmark case's step shape (2026-12-02,
-  // experiments/perf/tiles.cc; no AMD CPU measured). With 16 registers (AVX2), where a Vec<T> is
-  // two of them, 8 x 2 stays.
-#ifdef __AVX512F__
-  static constexpr int kNV = 3;
-#else
-  static constexpr int kNV = 2;
-#endif
   static constexpr int kNR = kNV * kW;
   // Rows of B ahead that a step asks the cache for: the panel (k x kNV vectors) is read from L2,
   // and with the hardware prefetcher alone the FMAs wait on it. Same harness and Xeon: 7-9 % more
@@ -215,8 +213,8 @@ class PackedB {
     for (int64_t p = 0; p < panels(); ++p) {
       const T* bp = data_.data() + p * k_ * kNR;
       const int64_t cols = std::min<int64_t>(kNR, n_ - p * kNR), nv = vectors(p);
-      for (int64_t i = 0; i < m; i += 8)
-        (this->*kTiles[nv - 1][std::min<int64_t>(8, m - i) - 1])(
+      for (int64_t i = 0; i < m; i += kMR)
+        (this->*kTiles[nv - 1][std::min<int64_t>(kMR, m - i) - 1])(
             a1 + i * lda1, lda1, a2 + i * lda2, lda2, bp, c + i * ldc + p * kNR, ldc, cols);
     }
   }
@@ -225,14 +223,14 @@ class PackedB {
   using Tile = void (PackedB::*)(const T*, int64_t, const T*, int64_t, const T*, T*, int64_t,
                                  int64_t) const;
   template <int NV, size_t... MR>
-  static constexpr std::array<Tile, 8> row_tiles(std::index_sequence<MR...>) {
+  static constexpr std::array<Tile, kMR> row_tiles(std::index_sequence<MR...>) {
     return {&PackedB::tile<int(MR) + 1, NV>...};
   }
   template <size_t... NV>
-  static constexpr std::array<std::array<Tile, 8>, kNV> all_tiles(std::index_sequence<NV...>) {
-    return {row_tiles<int(NV) + 1>(std::make_index_sequence<8>())...};
+  static constexpr std::array<std::array<Tile, kMR>, kNV> all_tiles(std::index_sequence<NV...>) {
+    return {row_tiles<int(NV) + 1>(std::make_index_sequence<kMR>())...};
   }
-  static constexpr std::array<std::array<Tile, 8>, kNV> kTiles =
+  static constexpr std::array<std::array<Tile, kMR>, kNV> kTiles =
       all_tiles(std::make_index_sequence<kNV>());
 
   // Vectors in panel p: kNV but in the last panel, which has only what its columns need.
@@ -310,20 +308,23 @@ template <typename T>
 class OuterAccumulate {
  public:
   static constexpr int kW = PackedB<T>::kW;
-  static constexpr int kNV = PackedB<T>::kNV;
   static constexpr int kNR = kNV * kW;
 
   static void run(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
                   int64_t ldb, T* c, int64_t ldc) {
-    using Tile = void (*)(int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t);
-    static constexpr Tile tiles[] = {nullptr, &tile<1>, &tile<2>, &tile<3>, &tile<4>,
-                                     &tile<5>, &tile<6>, &tile<7>, &tile<8>};
+    static constexpr auto tiles = row_tiles(std::make_index_sequence<kMR>());
     for (int64_t p = 0; p < n; p += kNR)
-      for (int64_t i = 0; i < m; i += 8)
-        tiles[std::min<int64_t>(8, m - i)](k, a + i, lda, b + p, ldb, c + i * ldc + p, ldc);
+      for (int64_t i = 0; i < m; i += kMR)
+        tiles[std::min<int64_t>(kMR, m - i) - 1](k, a + i, lda, b + p, ldb, c + i * ldc + p, ldc);
   }
 
  private:
+  using Tile = void (*)(int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t);
+  template <size_t... MR>
+  static constexpr std::array<Tile, kMR> row_tiles(std::index_sequence<MR...>) {
+    return {&tile<int(MR) + 1>...};
+  }
+
   template <int MR>
   static void tile(int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
                    int64_t ldc) {
