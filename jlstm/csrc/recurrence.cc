@@ -166,7 +166,7 @@ using Scratch = std::vector<T, ArenaAllocator<T>>;
 // With AVX2 (16 registers of 32 bytes) Vec<T> is one 32-byte register and the tile 6 x 2: 12
 // accumulators, the 2 vectors of B and a broadcast fit the 16. (A 64-byte vector there is two
 // registers, and an 8 x 2 tile of them, 32 accumulators, spilled to the stack on every FMA: built
-// with -mno-avx512f on that Xeon, the loop ran 11-22x slower than with AVX-512.)
+// with -mno-avx512f on that Xeon, the loop ran 11-23x slower than with AVX-512.)
 #ifdef __AVX512F__
 constexpr int kVecBytes = 64, kMR = 8, kNV = 3;
 #else
