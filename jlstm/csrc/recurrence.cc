@@ -310,6 +310,9 @@ class OuterAccumulate {
   static constexpr int kW = PackedB<T>::kW;
   static constexpr int kNR = kNV * kW;
 
+  // n rounded up to whole panels: the width B and C are padded to.
+  static constexpr int64_t padded(int64_t n) { return (n + kNR - 1) / kNR * kNR; }
+
   static void run(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
                   int64_t ldb, T* c, int64_t ldc) {
     static constexpr auto tiles = row_tiles(std::make_index_sequence<kMR>());
@@ -642,7 +645,7 @@ template <typename T>
 void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
   Arena::Scope scratch;  // this call's scratch on the calling thread
   const int64_t N = z.batch, I = z.input, H = z.hidden, G = 4 * H, K = I + H;
-  const int64_t KP = (K + OuterAccumulate<T>::kNR - 1) / OuterAccumulate<T>::kNR * OuterAccumulate<T>::kNR;
+  const int64_t KP = OuterAccumulate<T>::padded(K);
   const int n = threads_for(H);
   const bool in_loop = io.dw_ih != nullptr;
   const StepGroups steps(z);
@@ -817,8 +820,7 @@ template <typename T>
 void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io) {
   Arena::Scope scratch;  // this call's scratch on the calling thread
   const int64_t N = z.batch, I = z.input, H = z.hidden, G = 3 * H;
-  const auto padded = [](int64_t n) { return (n + OuterAccumulate<T>::kNR - 1) / OuterAccumulate<T>::kNR * OuterAccumulate<T>::kNR; };
-  const int64_t IP = padded(I), HP = padded(H);
+  const int64_t IP = OuterAccumulate<T>::padded(I), HP = OuterAccumulate<T>::padded(H);
   const bool in_loop = io.dw_ih != nullptr;
   const StepGroups steps(z);  // step s's dxw in slot steps.slot(s) of the first half, dhw the second
   Scratch<T> step(in_loop ? 2 * steps.slots * N * G : 0);
