@@ -186,11 +186,18 @@ class PackedB {
   static constexpr int kW = sizeof(Vec<T>) / sizeof(T);
   static_assert(kW > 1, "Vec<T> must be a vector");
   static constexpr int kNR = kNV * kW;
-  // Rows of B ahead that a step asks the cache for: the panel (k x kNV vectors) is read from L2,
-  // and with the hardware prefetcher alone the FMAs wait on it. Same harness and Xeon: 7-9 % more
-  // on the large steps (wide's forward and backward, medium's second layer), -2 to +3 % on the
-  // small ones.
+  // Rows of B ahead that a step asks the cache for (0: none). With AVX-512 the panel (k x kNV
+  // vectors) is read from L2, and with the hardware prefetcher alone the FMAs wait on it: same
+  // harness and Xeon, 7-9 % more on the large steps (wide's forward and backward, medium's second
+  // layer), -2 to +3 % on the small ones. With AVX2 a row of the 6 x 2 panel is one cache line and
+  // the hardware prefetcher keeps up: on one core of a 2-core AMD EPYC (Zen 3, AVX2 only),
+  // 2026-12-02, the same prefetch lost 2-15 % on every step shape, once per line 8 or 16 rows
+  // ahead -6 to +6 %.
+#ifdef __AVX512F__
   static constexpr int kAhead = 8;
+#else
+  static constexpr int kAhead = 0;
+#endif
 
   // B[r, col] = at(r, col) for r < k, col < n; zero-padded to whole vectors. Rows [0, split) of B
   // multiply the first left operand, rows [split, k) the second (see multiply). Panel p holds
@@ -257,7 +264,7 @@ class PackedB {
     Vec<T> bv[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {
-      __builtin_prefetch(b + (kAhead * NV + j) * kW);
+      if (kAhead > 0) __builtin_prefetch(b + (kAhead * NV + j) * kW);
       std::memcpy(&bv[j], b + j * kW, sizeof(bv[j]));
     }
 #pragma GCC unroll 8
