@@ -90,28 +90,37 @@ def like(shape, ref) -> jax.ShapeDtypeStruct:
 # Whole-sequence pieces of the backward passes
 
 
-def weight_grad(d: jax.Array, v: jax.Array) -> jax.Array:
+def weight_grad(d: jax.Array, v: jax.Array, transpose_first: bool = False) -> jax.Array:
     """``sum_t d_t^T v_t`` for ``d (L, N, G)``, ``v (L, N, K)`` as one ``(K, L*N) @ (L*N, G)`` GEMM
     with the large operand on the right, the layout XLA CPU runs fastest (a 3-D einsum makes it
     transpose the whole buffer first). The barrier keeps the final small transpose out of the dot:
     fused into it, XLA CPU takes a slower GEMM (1.1-2.1x at these sizes, BENCHMARKS.md).
 
+    ``transpose_first`` writes ``v``'s transpose out before the GEMM instead of folding it into
+    the dot (one ``(K, L*N)`` copy): the faster form on CPUs without AVX-512 (see
+    :data:`jlstm.native.TRANSPOSE_FIRST`).
+
     >>> import jax.numpy as jnp
     >>> weight_grad(jnp.ones((5, 2, 8)), jnp.ones((5, 2, 3))).shape
     (8, 3)
+    >>> bool(jnp.all(weight_grad(jnp.ones((5, 2, 8)), jnp.ones((5, 2, 3)), transpose_first=True) == 10))
+    True
     """
-    return lax.optimization_barrier(v.reshape(-1, v.shape[-1]).T @ d.reshape(-1, d.shape[-1])).T
+    vt = v.reshape(-1, v.shape[-1]).T
+    if transpose_first:
+        vt = lax.optimization_barrier(vt)
+    return lax.optimization_barrier(vt @ d.reshape(-1, d.shape[-1])).T
 
 
-def input_grads(dxw: jax.Array, x: jax.Array, w_ih: jax.Array):
+def input_grads(dxw: jax.Array, x: jax.Array, w_ih: jax.Array, transpose_first: bool = False):
     """``(dW_ih, dbias, dx)`` of ``x @ W_ih.T + bias`` from every step's gate gradients ``dxw (L, N,
-    G)``, as whole-sequence matmuls.
+    G)``, as whole-sequence matmuls (``transpose_first`` as in :func:`weight_grad`).
 
     >>> import jax.numpy as jnp
     >>> [a.shape for a in input_grads(jnp.ones((5, 2, 8)), jnp.ones((5, 2, 3)), jnp.ones((8, 3)))]
     [(8, 3), (8,), (5, 2, 3)]
     """
-    return weight_grad(dxw, x), jnp.sum(dxw, axis=(0, 1)), dxw @ w_ih
+    return weight_grad(dxw, x, transpose_first), jnp.sum(dxw, axis=(0, 1)), dxw @ w_ih
 
 
 def outputs(hs: jax.Array, valid, reverse: bool):

@@ -209,6 +209,18 @@ WEIGHTS_IN_LOOP_BYTES = 2 * 1024 * 1024
 OVERWRITE_SAVED_GATES = True
 
 
+# The weight gradients past WEIGHTS_IN_LOOP_BYTES are XLA GEMMs over the whole sequence, sum_t d_t^T
+# v_t. Where the CPU has no AVX-512, XLA CPU (jaxlib 0.10.2) runs the dot with v's transpose folded
+# into it at 60-70 GFLOP/s on large gate counts, and at 97-134 with the transpose written out first
+# (loops.weight_grad's transpose_first): on a 2-core AMD EPYC (Zen 3, AVX2 only), 2026-12-02,
+# (L*N, K, G) = (8192, 1024, 4096): 69 -> 112 GFLOP/s, (8192, 512, 4096) 68 -> 114, (16384, 2048,
+# 8192) 70 -> 118, (1024, 1024, 4096) 78 -> 131; at G = 512-1024 -6 to +12 %, and at (65536, 64,
+# 512) -12 %. With AVX-512 (a Xeon, Sapphire Rapids class) the folded form stays: there the other
+# folded form, d^T v, gained nothing, and the copy has not been measured. Read once, from the flags
+# the C++ loop is built for (x86 with AVX2 but not AVX-512).
+TRANSPOSE_FIRST = {"avx2"} <= set(_cpu_id().split()) and "avx512f" not in _cpu_id().split()
+
+
 def _threads() -> int:
     env = os.environ.get("JLSTM_NATIVE_THREADS", "")
     return int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
@@ -229,6 +241,16 @@ def weights_in_loop(x, w_hh) -> bool:
     return rows * (x.shape[-1] + hidden) * x.dtype.itemsize <= WEIGHTS_IN_LOOP_BYTES
 
 
+def after_the_loop(*arrays):
+    """``arrays``, for XLA's whole-sequence work after a backward loop (``previous``, transposes,
+    GEMMs), held until the loop's outputs among them exist. XLA CPU runs independent ops side by
+    side: a copy started beside the loop takes a pool thread that the loop's team then goes without
+    (a helper that cannot start is left out, see csrc/recurrence.cc), and the whole loop runs on one
+    core. On a 2-core Zen 3 EPYC the wide train step took 3308 ms unheld (1.64 cores busy), 2859
+    held (1.98), its forward and backward apart 905 + 2002 ms (experiments/perf/train_parts.py)."""
+    return jax.lax.optimization_barrier(arrays)
+
+
 def _bwd(reverse, residuals, cotangents):
     w_ih, w_hh, _, x, h0, c0, valid, (hs, cs, acts) = residuals
     dys, dh_n, dc_n = cotangents
@@ -244,9 +266,10 @@ def _bwd(reverse, residuals, cotangents):
     dgates, dh0, dc0 = _call(
         "lstm_backward_gates", outs, *inputs, valid=valid, reverse=reverse, aliases=aliases
     )
-    dw_ih, dbias, dx = input_grads(dgates, x, w_ih)
+    x, hs, dgates = after_the_loop(x, hs, dgates)
+    dw_ih, dbias, dx = input_grads(dgates, x, w_ih, TRANSPOSE_FIRST)
     hs_prev = previous(hs, h0, reverse)
-    return dw_ih, weight_grad(dgates, hs_prev), dbias, dx, dh0, dc0, None
+    return dw_ih, weight_grad(dgates, hs_prev, TRANSPOSE_FIRST), dbias, dx, dh0, dc0, None
 
 
 lstm_recurrence = loops.loop_with_backward(
@@ -295,9 +318,11 @@ def _gru_bwd(reverse, residuals, cotangents):
         valid=valid,
         reverse=reverse,
     )
-    dw_ih, dbias, dx = input_grads(dxw, x, w_ih)
+    x, hs, dxw, dhw = after_the_loop(x, hs, dxw, dhw)
+    dw_ih, dbias, dx = input_grads(dxw, x, w_ih, TRANSPOSE_FIRST)
     db_hn = jnp.sum(dhw[..., 2 * h0.shape[-1] :], axis=(0, 1))
-    return dw_ih, weight_grad(dhw, previous(hs, h0, reverse)), dbias, db_hn, dx, dh0, None
+    dw_hh = weight_grad(dhw, previous(hs, h0, reverse), TRANSPOSE_FIRST)
+    return dw_ih, dw_hh, dbias, db_hn, dx, dh0, None
 
 
 gru_recurrence = loops.loop_with_backward(

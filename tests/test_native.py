@@ -60,14 +60,16 @@ SIZES = [(1, 1, 1, 1), (4, 9, 3, 15), (3, 2, 5, 16), (5, 3, 1, 17), (6, 17, 7, 3
 SIZES += [(7, 12, 3, 20)]
 
 
-@pytest.fixture(params=["weights-in-loop", "gates-out"])
+@pytest.fixture(params=["weights-in-loop", "gates-out", "gates-out-transposed"])
 def backward(request, monkeypatch):
     """Both ways the backward kernel can end: weight gradients summed in the loop, or every step's
-    gate gradients handed to XLA (jlstm.native.weights_in_loop chooses by size and batch)."""
+    gate gradients handed to XLA (jlstm.native.weights_in_loop chooses by size and batch), whose
+    weight-gradient GEMMs take either form (jlstm.native.TRANSPOSE_FIRST chooses by CPU)."""
     in_loop = request.param == "weights-in-loop"
     monkeypatch.setattr(
         native, "WEIGHTS_IN_LOOP_BYTES", native.WEIGHTS_IN_LOOP_BYTES if in_loop else 0
     )
+    monkeypatch.setattr(native, "TRANSPOSE_FIRST", request.param == "gates-out-transposed")
     jax.clear_caches()  # the layer stack is jitted: retrace with the setting
     yield request.param
     jax.clear_caches()
@@ -78,7 +80,7 @@ def test_each_backward_is_taken(kind, backward):
     params, x, state = _problem(kind, 3, 2, 4, 5, jnp.float32)
     loss = lambda p: jnp.sum(LAYERS[kind][0](p, x, state)[0])  # noqa: E731
     text = jax.jit(jax.grad(loss)).lower(params).as_text()
-    assert (f"jlstm_{kind}_backward_gates" in text) == (backward == "gates-out")
+    assert (f"jlstm_{kind}_backward_gates" in text) == (backward != "weights-in-loop")
     assert f"jlstm_{kind}_backward" in text
 
 
@@ -129,6 +131,31 @@ def test_vmap_over_independent_problems(kind):
     got = jax.vmap(lambda x: layer(params, x, state, impl="native"))(xs)
     want = [layer(params, x, state, impl="fused") for x in xs]
     assert_trees_close(got, jax.tree.map(lambda *a: jnp.stack(a), *want), rtol=1e-12, atol=1e-12)
+
+
+@KINDS
+def test_gates_out_holds_xla_work_until_the_loop_ends(kind, monkeypatch):
+    """Gates out, the whole-sequence work after the backward loop (x's and h's transposes, the
+    weight GEMMs) reads x through an optimization barrier with the loop's gate gradients, so XLA
+    cannot start it beside the loop and take a thread the loop's team waits for."""
+    monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_BYTES", 0)
+    jax.clear_caches()
+    params, x, state = _problem(kind, 3, 2, 4, 5, jnp.float32)
+    loss = lambda p: jnp.sum(LAYERS[kind][0](p, x, state)[0])  # noqa: E731
+    lines = [ln.strip() for ln in jax.jit(jax.grad(loss)).lower(params).as_text().splitlines()]
+    calls = [ln for ln in lines if f"@jlstm_{kind}_backward_gates(" in ln]
+    assert len(calls) == 1
+    result, x_arg = calls[0].split(":")[0], calls[0].split("(")[1].split(",")[0]
+
+    def operands(line):  # "%a, %b" of "%r:2 = stablehlo.op %a, %b : types" or "op(%a, %b) {...}"
+        rhs = line.split("=", 1)[-1].split(" : ")[0]
+        return [w.strip("(),") for w in rhs.replace("(", " ").split()]
+
+    held = [ln for ln in lines if "optimization_barrier" in ln and f"{result}#0" in operands(ln)]
+    assert len(held) == 1 and x_arg in operands(held[0])
+    x_uses = [ln for ln in lines if x_arg in operands(ln)]
+    assert x_uses[-1] == held[0], "x is read after the loop other than through the barrier"
+    jax.clear_caches()
 
 
 def test_gates_out_overwrites_the_saved_gates(monkeypatch):

@@ -11,7 +11,7 @@ timed round-robin in one process:
 and, for a one-layer one-direction case whose backward hands its gate gradients to XLA (wide),
 XLA's three whole-sequence GEMMs of the backward next to ``torch.mm`` (2 threads) on the same
 shapes: ``dW_ih = dG^T x``, ``dW_hh = dG^T h_prev``, ``dx = dG W_ih`` with ``dG`` the ``(L*N, 4H)``
-gate gradients. Torch is optional (skipped when it is not installed).
+gate gradients, in the form the native backward takes on this CPU (``transpose_first``). Torch is optional (skipped when it is not installed).
 """
 
 import sys
@@ -21,7 +21,7 @@ import numpy as np
 
 from experiments.bench.cases import CASES
 from experiments.perf.common import layer_and_init, problem, report, round_robin
-from jlstm import loops
+from jlstm import loops, native
 
 
 def parts(name: str) -> dict:
@@ -53,7 +53,9 @@ def gemms(name: str) -> None:
     x = jax.random.normal(jax.random.fold_in(key, 1), (rows, case.input_size))
     h = jax.random.normal(jax.random.fold_in(key, 2), (rows, case.hidden_size))
     w_ih = jax.random.normal(jax.random.fold_in(key, 3), (gates, case.input_size))
-    weight_grad = jax.jit(lambda d, v: loops.weight_grad(d[None], v[None]))
+    # The form the native backward takes on this CPU (jlstm.native.TRANSPOSE_FIRST).
+    first = native.TRANSPOSE_FIRST
+    weight_grad = jax.jit(lambda d, v: loops.weight_grad(d[None], v[None], first))
     dx = jax.jit(lambda d, w: d @ w)
     shapes = {
         "dW_ih": (weight_grad, (dg, x), 2 * rows * gates * case.input_size),
@@ -79,7 +81,7 @@ def gemms(name: str) -> None:
         for k, (a, b) in torch_args.items():
             fns[f"torch {k}"] = lambda a=a, b=b: torch.mm(a, b)  # synchronous on the CPU
     med = round_robin(fns, samples=7)
-    print(f"{name}: the backward's whole-sequence GEMMs", flush=True)
+    print(f"{name}: the backward's whole-sequence GEMMs (transpose_first={first})", flush=True)
     for k, (_, _, flops) in shapes.items():
         line = f"  {k:6s} xla {med[f'xla {k}'][0] * 1e3:8.1f} ms {flops / med[f'xla {k}'][0] / 1e9:5.0f} GFLOP/s"
         if torch is not None:
