@@ -211,7 +211,7 @@ OVERWRITE_SAVED_GATES = True
 
 # The weight gradients past WEIGHTS_IN_LOOP_BYTES are XLA GEMMs over the whole sequence, sum_t d_t^T
 # v_t. Where the CPU has no AVX-512, XLA CPU (jaxlib 0.10.2) runs the dot with v's transpose folded
-# into it at 60-70 GFLOP/s on large gate counts, and at 97-134 with the transpose written out first
+# into it at 68-78 GFLOP/s on large gate counts, and at 112-131 with the transpose written out first
 # (loops.weight_grad's transpose_first): on a 2-core AMD EPYC (Zen 3, AVX2 only), 2026-12-02,
 # (L*N, K, G) = (8192, 1024, 4096): 69 -> 112 GFLOP/s, (8192, 512, 4096) 68 -> 114, (16384, 2048,
 # 8192) 70 -> 118, (1024, 1024, 4096) 78 -> 131; at G = 512-1024 -6 to +12 %, and at (65536, 64,
