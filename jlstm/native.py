@@ -210,14 +210,15 @@ OVERWRITE_SAVED_GATES = True
 
 
 # The weight gradients past WEIGHTS_IN_LOOP_BYTES are XLA GEMMs over the whole sequence, sum_t d_t^T
-# v_t. Where the CPU has no AVX-512, XLA CPU (jaxlib 0.10.2) runs the dot with v's transpose folded
-# into it at 68-78 GFLOP/s on large gate counts, and at 112-131 with the transpose written out first
-# (loops.weight_grad's transpose_first): on a 2-core AMD EPYC (Zen 3, AVX2 only), 2026-12-02,
-# (L*N, K, G) = (8192, 1024, 4096): 69 -> 112 GFLOP/s, (8192, 512, 4096) 68 -> 114, (16384, 2048,
-# 8192) 70 -> 118, (1024, 1024, 4096) 78 -> 131; at G = 512-1024 -6 to +12 %, and at (65536, 64,
-# 512) -12 %. With AVX-512 (a Xeon, Sapphire Rapids class) the folded form stays: there the other
-# folded form, d^T v, gained nothing, and the copy has not been measured. Read once, from the flags
-# the C++ loop is built for (x86 with AVX2 but not AVX-512).
+# v_t. Where the CPU has no AVX-512, XLA CPU (jaxlib 0.10.2) runs them faster with v's transpose
+# written out first (loops.weight_grad's transpose_first) than folded into the dot on large gate
+# counts. `python -m experiments.perf.weight_gemm` on a 2-core AMD EPYC (Zen 3, AVX2 only),
+# 2026-12-02 19:22 UTC, time of the copy form over the folded one at (L*N, K, G): (8192, 1024,
+# 4096) 0.57, (8192, 512, 4096) 0.54, (16384, 2048, 8192) 0.54, (1024, 1024, 4096) 0.58, (4096,
+# 512, 1024) 0.94, (4096, 256, 1024) 0.99, (2048, 128, 512) 0.84, but (65536, 64, 512) 1.43. With
+# AVX-512 (a Xeon, Sapphire Rapids class) the folded form stays: there the other folded form,
+# d^T v, gained nothing, and the copy has not been measured. Read once, from the flags the C++
+# loop is built for (x86 with AVX2 but not AVX-512).
 TRANSPOSE_FIRST = {"avx2"} <= set(_cpu_id().split()) and "avx512f" not in _cpu_id().split()
 
 
