@@ -219,7 +219,8 @@ OVERWRITE_SAVED_GATES = True
 # AVX-512 (a Xeon, Sapphire Rapids class) the folded form stays: there the other folded form,
 # d^T v, gained nothing, and the copy has not been measured. Read once, from the flags the C++
 # loop is built for (x86 with AVX2 but not AVX-512).
-TRANSPOSE_FIRST = {"avx2"} <= set(_cpu_id().split()) and "avx512f" not in _cpu_id().split()
+_FLAGS = set(_cpu_id().split())
+TRANSPOSE_FIRST = "avx2" in _FLAGS and "avx512f" not in _FLAGS
 
 
 def _threads() -> int:
@@ -247,8 +248,9 @@ def after_the_loop(*arrays):
     GEMMs), held until the loop's outputs among them exist. XLA CPU runs independent ops side by
     side: a copy started beside the loop takes a pool thread that the loop's team then goes without
     (a helper that cannot start is left out, see csrc/recurrence.cc), and the whole loop runs on one
-    core. On a 2-core Zen 3 EPYC the wide train step took 3308 ms unheld (1.64 cores busy), 2859
-    held (1.98), its forward and backward apart 905 + 2002 ms (experiments/perf/train_parts.py)."""
+    core. On a 2-core Zen 3 EPYC the wide train step took 3308 ms unheld (1.64 cores busy), 2674
+    held (1.97), its saving forward and backward apart 990 + 1861 ms (`python -m
+    experiments.perf.train_parts wide`, 2026-12-02)."""
     return jax.lax.optimization_barrier(arrays)
 
 

@@ -11,7 +11,8 @@ timed round-robin in one process:
 and, for a one-layer one-direction case whose backward hands its gate gradients to XLA (wide),
 XLA's three whole-sequence GEMMs of the backward next to ``torch.mm`` (2 threads) on the same
 shapes: ``dW_ih = dG^T x``, ``dW_hh = dG^T h_prev``, ``dx = dG W_ih`` with ``dG`` the ``(L*N, 4H)``
-gate gradients, in the form the native backward takes on this CPU (``transpose_first``). Torch is optional (skipped when it is not installed).
+gate gradients, in the form the native backward takes on this CPU (``transpose_first``). Torch is
+optional (skipped when it is not installed).
 """
 
 import sys

@@ -728,7 +728,8 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
           dg[3 * H + j] = d_o;
           // Summed whether or not the loop keeps the bias gradient (in_loop): a branch here keeps
           // GCC from vectorizing the loop without AVX-512's masked stores, and the tanh then runs
-          // one float at a time through libm (a fifth of the mnist train step on a Zen 3 EPYC).
+          // one float at a time through libm (expm1f and tanhf: 14 % of a perf profile of the mnist
+          // train step on a Zen 3 EPYC, 2026-12-02).
           dbs[j] += di;
           dbs[nu + j] += df;
           dbs[2 * nu + j] += dgg;
