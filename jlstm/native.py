@@ -34,12 +34,19 @@ from jlstm import loops
 from jlstm.loops import input_grads, like, outputs, previous, weight_grad
 
 SOURCE = Path(__file__).parent / "csrc" / "recurrence.cc"
+HEADERS = (SOURCE.parent / "gate_math.h",)  # included by SOURCE
 # -mprefer-vector-width=512: where the CPU has AVX-512, GCC's -march=native tuning may still
 # vectorise loops at 256 bits (as on an Intel Xeon, Sapphire Rapids class); the gate loops then call
 # libmvec's 8-wide tanhf. At 512 bits they call the 16-wide one: in `perf record` profiles of the
 # wide forward (experiments.perf.profile_case) tanhf fell from 3.6 % to 1.8 % of the samples.
+# (float32's gate functions have since become inline code, csrc/gate_math.h; the flag still sets
+# the width of the gate loops.)
 # Ignored without AVX-512.
+# -fno-trapping-math: GCC then if-converts the selects of csrc/gate_math.h and vectorises the gate
+# loops (it changes no value: only whether FP exception flags may be raised by operations whose
+# results are discarded).
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp-simd")
+FLAGS += ("-fno-trapping-math",)
 FLAGS += ("-std=c++20", "-shared", "-fPIC", "-pthread")
 # JLSTM_CXXFLAGS: more compiler flags, after these (e.g. "-mno-avx512f" builds the AVX2 kernels on
 # a CPU with AVX-512, as tests/test_native.py does to check them); part of the library's cache key.
@@ -73,7 +80,8 @@ def _cpu_id() -> str:
 
 def _library_path() -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), jax.ffi.include_dir().encode()):
+    sources = [p.read_bytes() for p in (SOURCE, *HEADERS)]
+    for part in (*sources, " ".join(FLAGS).encode(), jax.ffi.include_dir().encode()):
         key.update(part)
     key.update(f"{jax.__version__} {_cpu_id()}".encode())
     cache = Path(os.environ.get("JLSTM_CACHE", Path.home() / ".cache" / "jlstm"))
