@@ -445,7 +445,12 @@ struct Team {
 // Runs job(k, size) for k < size on a team of at most n threads: the caller and the helpers from
 // XLA's pool that start before the caller stops waiting for them. It waits longer the more work
 // there is to share (`flops`: up to an eighth of the job's time on one core at ~80 GFLOP/s),
-// between 20 us and 2 ms, since a sleeping pool thread takes tens of microseconds to wake.
+// between 20 us and 50 ms, since a sleeping pool thread takes tens of microseconds to wake, and
+// one whose core is taken (another process, or the threads of a library that spin after their
+// own work: torch's OpenMP team in a benchmark) waits for the scheduler, milliseconds. A call
+// that starts alone runs alone to its end: with a 2 ms limit, 2-3 of 9 calls of the wide forward
+// (0.6 s on two cores) took 1.2 s, one core, right after torch's (`python -m experiments.bench
+// --cases wide --modes fwd --impls torch,jlstm,flax`, 2-core Zen 3 EPYC, 2026-12-02).
 // Returns the team's size.
 int run_team(ffi::ThreadPool& pool, int n, double flops,
              const std::function<void(int, int)>& job) {
@@ -468,7 +473,7 @@ int run_team(ffi::ThreadPool& pool, int n, double flops,
       }
       team->finished.fetch_add(1, std::memory_order_acq_rel);
     });
-  const double wait_us = std::clamp(flops / 80e3 / 8, 20.0, 2000.0);  // ~80 GFLOP/s per core
+  const double wait_us = std::clamp(flops / 80e3 / 8, 20.0, 50000.0);  // ~80 GFLOP/s per core
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::duration<double, std::micro>(wait_us);
   while (team->joined.load(std::memory_order_acquire) < helpers &&
