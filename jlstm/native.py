@@ -36,12 +36,10 @@ from jlstm.loops import input_grads, like, outputs, previous, weight_grad
 SOURCE = Path(__file__).parent / "csrc" / "recurrence.cc"
 HEADERS = (SOURCE.parent / "gate_math.h",)  # included by SOURCE
 # -mprefer-vector-width=512: where the CPU has AVX-512, GCC's -march=native tuning may still
-# vectorise loops at 256 bits (as on an Intel Xeon, Sapphire Rapids class); the gate loops then call
-# libmvec's 8-wide tanhf. At 512 bits they call the 16-wide one: in `perf record` profiles of the
-# wide forward (experiments.perf.profile_case) tanhf fell from 3.6 % to 1.8 % of the samples.
-# (float32's gate functions have since become inline code, csrc/gate_math.h; the flag still sets
-# the width of the gate loops.)
-# Ignored without AVX-512.
+# vectorise loops at 256 bits (as on an Intel Xeon, Sapphire Rapids class), the gate loops too.
+# At 512 bits the gates' tanh, then libmvec's tanhf (float32 now computes its own,
+# csrc/gate_math.h), fell from 3.6 % to 1.8 % of the samples in `perf record` profiles of the wide
+# forward (experiments.perf.profile_case). Ignored without AVX-512.
 # -fno-trapping-math: GCC then if-converts the selects of csrc/gate_math.h and vectorises the gate
 # loops (it changes no value: only whether FP exception flags may be raised by operations whose
 # results are discarded).

@@ -11,29 +11,14 @@
 #include <vector>
 
 #include "gate_math.h"
+#include "ulp_sweep.h"
 
-namespace {
-
-double ulp_error(float got, double exact) {
-  const float nearest = static_cast<float>(exact);
-  if (nearest == 0.0f) return got == 0.0f ? 0.0 : std::fabs(got) / std::numeric_limits<float>::denorm_min();
-  const double ulp = std::nextafter(std::fabs(nearest), std::numeric_limits<float>::infinity()) -
-                     std::fabs(nearest);
-  return std::fabs(static_cast<double>(got) - exact) / ulp;
-}
-
-}  // namespace
+using jlstm_test::ulp_error;
 
 int main(int argc, char** argv) {
   const uint64_t stride = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 97;
-  std::vector<float> x, t, s;
-  for (uint64_t bits = 0; bits < 0x7F800000u; bits += stride) {  // finite non-negative floats
-    const float v = std::bit_cast<float>(static_cast<uint32_t>(bits));
-    x.push_back(v);
-    x.push_back(-v);
-  }
-  t.resize(x.size());
-  s.resize(x.size());
+  const std::vector<float> x = jlstm_test::sweep_floats(stride);
+  std::vector<float> t(x.size()), s(x.size());
   const float* xp = x.data();
   float *tp = t.data(), *sp = s.data();
 #pragma omp simd

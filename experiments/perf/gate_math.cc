@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../../jlstm/csrc/gate_math.h"
+#include "../../tests/ulp_sweep.h"
 
 extern "C" {
 __attribute__((simd("notinbranch"))) float tanhf(float) noexcept;
@@ -42,14 +43,6 @@ double ns_per_float(F f, const std::vector<float>& x, std::vector<float>& y) {
   }
   const std::chrono::duration<double> s = std::chrono::steady_clock::now() - start;
   return s.count() / double(reps * n) * 1e9;
-}
-
-double ulp_error(float got, double exact) {
-  const float nearest = static_cast<float>(exact);
-  if (nearest == 0.0f) return got == 0.0f ? 0.0 : 1e30;
-  const double ulp = std::nextafter(std::fabs(nearest), std::numeric_limits<float>::infinity()) -
-                     std::fabs(nearest);
-  return std::fabs(static_cast<double>(got) - exact) / ulp;
 }
 
 }  // namespace
@@ -85,13 +78,8 @@ int main(int argc, char** argv) {
     std::printf("  %-20s %.3f\n", variants[v].name, times[v][times[v].size() / 2]);
   }
 
-  std::vector<float> sweep, out;
-  for (uint64_t bits = 0; bits < 0x7F800000u; bits += 97) {
-    const float v = std::bit_cast<float>(static_cast<uint32_t>(bits));
-    sweep.push_back(v);
-    sweep.push_back(-v);
-  }
-  out.resize(sweep.size());
+  const std::vector<float> sweep = jlstm_test::sweep_floats(97);
+  std::vector<float> out(sweep.size());
   const float* sp = sweep.data();
   float* op = out.data();
 #pragma omp simd
@@ -99,7 +87,7 @@ int main(int argc, char** argv) {
   double worst = 0;
   float at = 0;
   for (size_t i = 0; i < sweep.size(); ++i) {
-    const double e = ulp_error(out[i], std::tanh(double(sweep[i])));
+    const double e = jlstm_test::ulp_error(out[i], std::tanh(double(sweep[i])));
     if (e > worst) worst = e, at = sweep[i];
   }
   std::printf("libmvec tanhf: largest error %.3f ulp (at %.9g) over %zu floats\n", worst, at,
