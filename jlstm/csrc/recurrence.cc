@@ -337,6 +337,16 @@ class OuterAccumulate {
 
   // n rounded up to whole panels: the width B and C are padded to.
   static constexpr int64_t padded(int64_t n) { return (n + kNR - 1) / kNR * kNR; }
+  // A row stride for the loops' step buffers that run() reads (A and B): padded(n) and, where
+  // that is an even number of cache lines, one line more. A tile reads k rows of A and of B's
+  // panel, and at an even stride they fall into few sets of the L1 cache, more lines than those
+  // sets hold (4 KiB: all in one set of 64, 8 lines; 3 KiB: 4 sets), so every panel of columns
+  // read them from L2 again. Odd: the medium case's train step (a 2-core AMD EPYC, Zen 3) took
+  // 0.94 of the time, gru 0.95, long 0.97 (`python -m experiments.perf.profile_case`, 2026-12-03).
+  static constexpr int64_t stride(int64_t n) {
+    constexpr int64_t line = 64 / sizeof(T);
+    return padded(n) / line % 2 ? padded(n) : padded(n) + line;
+  }
 
   static void run(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
                   int64_t ldb, T* c, int64_t ldc) {
@@ -690,11 +700,15 @@ template <typename T>
 void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
   Arena::Scope scratch;  // this call's scratch on the calling thread
   const int64_t N = z.batch, I = z.input, H = z.hidden, G = 4 * H, K = I + H;
-  const int64_t KP = OuterAccumulate<T>::padded(K);
+  const int64_t KP = OuterAccumulate<T>::padded(K), KV = OuterAccumulate<T>::stride(K);
   const int n = threads_for(H);
   const bool in_loop = io.dw_ih != nullptr;
   const StepGroups steps(z);
-  Scratch<T> step_dgates(in_loop ? steps.slots * N * G : 0);
+  // The row stride of the gate gradients: G in io.dgates; in the loop's own step buffers an odd
+  // number of cache lines (OuterAccumulate::stride), since the weight-gradient tiles read k of
+  // their rows, and at 4 KiB (a hidden size of 256) all k lines fall into one set of the L1 cache.
+  const int64_t ldg = in_loop ? OuterAccumulate<T>::stride(G) : G;
+  Scratch<T> step_dgates(in_loop ? steps.slots * N * ldg : 0);
   prefer_huge_pages(in_loop ? io.dx : io.dgates, z.length * N * (in_loop ? I : G) * sizeof(T));
   Barrier barrier;
   run_team(pool, n, 8.0 * z.length * N * G * (K + H), [&](int k, int threads) {
@@ -706,7 +720,7 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
     const PackedB<T> w_ih_own(G, nx, G, [&](int64_t r, int64_t j) { return io.w_ih[r * I + x0 + j]; });
     // dh, dc of this thread's units; the GEMM's dh_{t-1}; [x_t, h_{t-1}] zero-padded to KP columns;
     // this thread's rows of [dW_ih dW_hh] (gate-major, KP columns) and of db.
-    Scratch<T> dh(N * nu), dc(N * nu), dh_prev(N * nu), v(in_loop ? steps.slots * N * KP : 0, T(0));
+    Scratch<T> dh(N * nu), dc(N * nu), dh_prev(N * nu), v(in_loop ? steps.slots * N * KV : 0, T(0));
     Scratch<T> dw(in_loop ? 4 * nu * KP : 0, T(0)), db(4 * nu, T(0));
     for (int64_t b = 0; b < N; ++b) {
       std::copy(io.dh_n + b * H + u0, io.dh_n + b * H + u1, &dh[b * nu]);
@@ -717,10 +731,10 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
       const T* c_prev = s == 0 ? io.c0 : io.cs + z.time(s - 1) * N * H;
       const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
       const int64_t slot = steps.slot(s);
-      T* dgates = in_loop ? step_dgates.data() + slot * N * G : io.dgates + t * N * G;
+      T* dgates = in_loop ? step_dgates.data() + slot * N * ldg : io.dgates + t * N * G;
       for (int64_t b = 0; b < N; ++b) {
         const int64_t row = t * N + b;
-        T* dg = dgates + b * G + u0;
+        T* dg = dgates + b * ldg + u0;
         if (z.masked && !io.valid[row]) {  // carry passed through, no gate gradients
           for (int64_t q = 0; q < 4; ++q) std::fill(dg + q * H, dg + q * H + nu, T(0));
           continue;
@@ -758,19 +772,19 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
         }
       }
       if (in_loop && nu > 0) {  // dW[own gate rows] += dgates[:, own]^T [x_t, h_{t-1}], by groups
-        T* vs = &v[slot * N * KP];
+        T* vs = &v[slot * N * KV];
         for (int64_t b = 0; b < N; ++b) {
-          std::copy(io.x + (t * N + b) * I, io.x + (t * N + b + 1) * I, &vs[b * KP]);
-          std::copy(h_prev + b * H, h_prev + (b + 1) * H, &vs[b * KP + I]);
+          std::copy(io.x + (t * N + b) * I, io.x + (t * N + b + 1) * I, &vs[b * KV]);
+          std::copy(h_prev + b * H, h_prev + (b + 1) * H, &vs[b * KV + I]);
         }
         if (const int64_t rows = steps.rows(s)) {  // from slot 0 (= `slot`) on
           for (int64_t g = 0; g < 4; ++g)
-            OuterAccumulate<T>::run(nu, KP, rows, dgates + g * H + u0, G, vs, KP, &dw[g * nu * KP], KP);
+            OuterAccumulate<T>::run(nu, KP, rows, dgates + g * H + u0, ldg, vs, KV, &dw[g * nu * KP], KP);
         }
       }
       barrier.wait(threads);  // every unit's gate gradients of step t are written
-      if (nu > 0) w_hh_own.multiply(N, dgates, G, dgates + G, G, dh_prev.data(), nu);
-      if (in_loop && nx > 0) w_ih_own.multiply(N, dgates, G, dgates + G, G, io.dx + t * N * I + x0, I);
+      if (nu > 0) w_hh_own.multiply(N, dgates, ldg, dgates + G, ldg, dh_prev.data(), nu);
+      if (in_loop && nx > 0) w_ih_own.multiply(N, dgates, ldg, dgates + G, ldg, io.dx + t * N * I + x0, I);
       for (int64_t b = 0; b < N; ++b)
         if (!z.masked || io.valid[t * N + b])
           std::copy(&dh_prev[b * nu], &dh_prev[(b + 1) * nu], &dh[b * nu]);
@@ -868,9 +882,11 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
   Arena::Scope scratch;  // this call's scratch on the calling thread
   const int64_t N = z.batch, I = z.input, H = z.hidden, G = 3 * H;
   const int64_t IP = OuterAccumulate<T>::padded(I), HP = OuterAccumulate<T>::padded(H);
+  const int64_t IV = OuterAccumulate<T>::stride(I), HV = OuterAccumulate<T>::stride(H);
   const bool in_loop = io.dw_ih != nullptr;
   const StepGroups steps(z);  // step s's dxw in slot steps.slot(s) of the first half, dhw the second
-  Scratch<T> step(in_loop ? 2 * steps.slots * N * G : 0);
+  const int64_t ldg = in_loop ? OuterAccumulate<T>::stride(G) : G;  // as in the LSTM's backward
+  Scratch<T> step(in_loop ? 2 * steps.slots * N * ldg : 0);
   if (in_loop) {
     prefer_huge_pages(io.dx, z.length * N * I * sizeof(T));
   } else {
@@ -887,8 +903,8 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
     // dh of this thread's units, the GEMM's part of dh_{t-1} and the direct part (dh_total * z);
     // x_t and h_{t-1} zero-padded to whole panels; this thread's rows of dW_ih, dW_hh, db, db_hn.
     Scratch<T> dh(N * nu), dh_prev(N * nu), direct(N * nu);
-    Scratch<T> vx(in_loop ? steps.slots * N * IP : 0, T(0));
-    Scratch<T> vh(in_loop ? steps.slots * N * HP : 0, T(0));
+    Scratch<T> vx(in_loop ? steps.slots * N * IV : 0, T(0));
+    Scratch<T> vh(in_loop ? steps.slots * N * HV : 0, T(0));
     Scratch<T> dwx(in_loop ? 3 * nu * IP : 0, T(0)), dwh(in_loop ? 3 * nu * HP : 0, T(0));
     Scratch<T> db(3 * nu, T(0)), db_hn(nu, T(0));
     for (int64_t b = 0; b < N; ++b) std::copy(io.dh_n + b * H + u0, io.dh_n + b * H + u1, &dh[b * nu]);
@@ -896,12 +912,12 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
       const int64_t t = z.time(s);
       const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
       const int64_t slot = steps.slot(s);
-      T* dxw = in_loop ? step.data() + slot * N * G : io.dxw + t * N * G;
-      T* dhw = in_loop ? dxw + steps.slots * N * G : io.dhw + t * N * G;
+      T* dxw = in_loop ? step.data() + slot * N * ldg : io.dxw + t * N * G;
+      T* dhw = in_loop ? dxw + steps.slots * N * ldg : io.dhw + t * N * G;
       for (int64_t b = 0; b < N; ++b) {
         const int64_t row = t * N + b;
-        T* gx = dxw + b * G + u0;
-        T* gh = dhw + b * G + u0;
+        T* gx = dxw + b * ldg + u0;
+        T* gh = dhw + b * ldg + u0;
         T* dd = direct.data() + b * nu;
         if (z.masked && !io.valid[row]) {  // carry passed through, no gate gradients
           for (int64_t q = 0; q < 3; ++q) {
@@ -939,22 +955,22 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
         }
       }
       if (in_loop && nu > 0) {  // own gate rows: dW_ih += dxw^T x_t, dW_hh += dhw^T h_{t-1}
-        T* xs = &vx[slot * N * IP];
-        T* hps = &vh[slot * N * HP];
+        T* xs = &vx[slot * N * IV];
+        T* hps = &vh[slot * N * HV];
         for (int64_t b = 0; b < N; ++b) {
-          std::copy(io.x + (t * N + b) * I, io.x + (t * N + b + 1) * I, &xs[b * IP]);
-          std::copy(h_prev + b * H, h_prev + (b + 1) * H, &hps[b * HP]);
+          std::copy(io.x + (t * N + b) * I, io.x + (t * N + b + 1) * I, &xs[b * IV]);
+          std::copy(h_prev + b * H, h_prev + (b + 1) * H, &hps[b * HV]);
         }
         if (const int64_t rows = steps.rows(s)) {  // a group of steps at once, as the LSTM's
           for (int64_t g = 0; g < 3; ++g) {
-            OuterAccumulate<T>::run(nu, IP, rows, dxw + g * H + u0, G, xs, IP, &dwx[g * nu * IP], IP);
-            OuterAccumulate<T>::run(nu, HP, rows, dhw + g * H + u0, G, hps, HP, &dwh[g * nu * HP], HP);
+            OuterAccumulate<T>::run(nu, IP, rows, dxw + g * H + u0, ldg, xs, IV, &dwx[g * nu * IP], IP);
+            OuterAccumulate<T>::run(nu, HP, rows, dhw + g * H + u0, ldg, hps, HV, &dwh[g * nu * HP], HP);
           }
         }
       }
       barrier.wait(threads);  // every unit's gate gradients of step t are written
-      if (nu > 0) w_hh_own.multiply(N, dhw, G, dhw, G, dh_prev.data(), nu);
-      if (in_loop && nx > 0) w_ih_own.multiply(N, dxw, G, dxw, G, io.dx + t * N * I + x0, I);
+      if (nu > 0) w_hh_own.multiply(N, dhw, ldg, dhw, ldg, dh_prev.data(), nu);
+      if (in_loop && nx > 0) w_ih_own.multiply(N, dxw, ldg, dxw, ldg, io.dx + t * N * I + x0, I);
       for (int64_t b = 0; b < N; ++b) {
         const bool valid = !z.masked || io.valid[t * N + b];
         for (int64_t j = 0; j < nu; ++j)
