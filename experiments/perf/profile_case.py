@@ -36,7 +36,7 @@ def main(name: str, mode: str, steps: int, impl: str = "auto") -> None:
         jax.block_until_ready(step(params, x))
     seconds = (time.perf_counter() - start) / steps
     rate = flops(case, mode) / seconds / 1e9
-    print(f"{name} {mode} impl={impl}: {seconds * 1e3:.1f} ms per step, {rate:.0f} GFLOP/s")
+    print(f"{name} {mode} impl={impl}: {seconds * 1e3:.2f} ms per step, {rate:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":
