@@ -132,6 +132,13 @@ def main(argv=None):
             print(f"{name} {mode} {tuple(CASES[name])}", flush=True)
             results.append(bench_case(name, CASES[name], mode, args.impls, args, gemm_peak))
             print(report.table(results[-1:]).splitlines()[-1], flush=True)
+    if gemm_peak is not None:  # again after the cases; the final table holds them to the better
+        load = machine.load_now()
+        again = peak.measure(args.cases, args.samples, args.sample_s) | machine.load_since(load)
+        print(peak.line(again) + f" (after the cases; load {report.load_cell(again)})", flush=True)
+        gemm_peak = peak.best_of(gemm_peak, again)
+        for record in results:
+            record |= peak.judge(record, CASES[record["case"]], record["mode"], gemm_peak)
     epoch = None if args.no_epoch else bench_epoch(args)
     memory = bench_memory(args)
     env["total_s"] = time.perf_counter() - start
