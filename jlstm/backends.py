@@ -81,6 +81,9 @@ class Backend:
     # platform) -> (carry, ys); or, with ``layer``, both directions of a layer at once.
     direction: Callable | None = None
     layer: Callable | None = None
+    # Both directions of a bidirectional layer at once where it can, besides ``direction``:
+    # (kind, directions, x, carries, valid) -> (outputs, final carries), or None where it cannot.
+    pair: Callable | None = None
     # Why this process cannot run it (e.g. the C++ library did not build), or None.
     process: Callable[[], str | None] = lambda: None
     # Why it does not cover a call beyond kind, dtype and size, or None.
@@ -137,15 +140,20 @@ def _scan_direction(kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoi
     return loops.masked_scan(step, carry, xw, valid, reverse, unroll)
 
 
-def _loop_direction(module, kind, w, x, carry, valid, reverse, speed=()):
-    """One direction on a hand-written loop of ``module`` (LSTM without projection, or GRU)."""
+def _loop_weights(kind, w, x):
+    """``(w_ih, w_hh, folded bias, b_hn)`` of one direction for a hand-written loop."""
     bias, b_hn = cells.folded_biases(kind, w)
     zeros = jnp.zeros(w.w_hh.shape[:1], x.dtype)
     bias = zeros if bias is None else bias
     b_hn = zeros[: w.w_hh.shape[1]] if b_hn is None else b_hn
     # In x's dtype (the promoted one, see layers._run): the hand-written backward then returns
     # each gradient in its parameter's own dtype through astype's transpose.
-    w_ih, w_hh, bias, b_hn = (a.astype(x.dtype) for a in (w.w_ih, w.w_hh, bias, b_hn))
+    return tuple(a.astype(x.dtype) for a in (w.w_ih, w.w_hh, bias, b_hn))
+
+
+def _loop_direction(module, kind, w, x, carry, valid, reverse, speed=()):
+    """One direction on a hand-written loop of ``module`` (LSTM without projection, or GRU)."""
+    w_ih, w_hh, bias, b_hn = _loop_weights(kind, w, x)
     if kind == "lstm":
         w_ih, w_hh, bias, x, carry = loops.vary_like((w_ih, w_hh, bias, x, carry))
         ys, h, c = module.lstm_recurrence(w_ih, w_hh, bias, x, *carry, valid, reverse, *speed)
@@ -163,6 +171,27 @@ def _fused_direction(kind, w, x, carry, valid, reverse, nonlinearity, unroll, ho
 
 def _native_direction(kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoist, platform):
     return _loop_direction(native, kind, w, x, carry, valid, reverse)  # no unroll or hoist
+
+
+def _native_pair(kind, directions, x, carries, valid):
+    """Both directions of a bidirectional layer in one C++ call (``native.lstm_bidirectional``,
+    ``native.gru_bidirectional``): ``(outputs (L, N, 2H), final carries)``; None for one
+    direction."""
+    if len(directions) != 2:
+        return None
+    weights = [_loop_weights(kind, w, x) for w in directions]
+    if kind == "lstm":  # no b_hn; the carry is (h, c)
+        arrays = [(*w[:3], *carry) for w, carry in zip(weights, carries, strict=True)]
+    else:
+        arrays = [(*w, carry) for w, carry in zip(weights, carries, strict=True)]
+    *arrays, x = loops.vary_like((*arrays, x))
+    both = native.lstm_bidirectional if kind == "lstm" else native.gru_bidirectional
+    (ys_f, *final_f), (ys_b, *final_b) = both(*arrays, x, valid)
+    if kind == "lstm":
+        finals = [tuple(final_f), tuple(final_b)]
+    else:
+        finals = [final_f[0], final_b[0]]
+    return jnp.concatenate([ys_f, ys_b], axis=-1), finals
 
 
 def _pallas_direction(kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoist, platform):
@@ -221,6 +250,7 @@ BACKENDS: dict[str, Backend] = {
             platforms=("cpu",),
             auto=("cpu",),
             direction=_native_direction,
+            pair=_native_pair,
             process=_native_process,
             covers=lambda call: "the sequence is empty (seq_len 0)" if call.length == 0 else None,
         ),
@@ -425,6 +455,10 @@ def layer(
                     directions, x, *map(jnp.stack, zip(*carries, strict=True)), lengths
                 )
                 return y, list(zip(h, c, strict=True))
+            if backend.pair is not None and (every is None or every >= x.shape[0]):
+                both = backend.pair(kind, directions, x, carries, valid)
+                if both is not None:
+                    return both
             outs, finals = [], []
             for d, (w, carry) in enumerate(zip(directions, carries, strict=True)):
                 carry, y = direction(

@@ -8,7 +8,9 @@ JAX's FFI headers (nothing else), caches the library under ``$JLSTM_CACHE`` (def
 ``~/.cache/jlstm``), registers it with XLA, and wraps it as :func:`lstm_recurrence` and
 :func:`gru_recurrence`, the same functions as in :mod:`jlstm.fused`, each with a hand-written
 backward: the C++ backward loop, which also sums the weight gradients while they fit
-(:data:`WEIGHTS_IN_LOOP_BYTES`), else hands the gate gradients to whole-sequence XLA GEMMs.
+(:data:`WEIGHTS_IN_LOOP_BYTES`), else hands the gate gradients to whole-sequence XLA GEMMs; and
+as :func:`lstm_bidirectional` and :func:`gru_bidirectional`, both directions of a bidirectional
+layer in one call, side by side, at inference.
 
 ``python -m jlstm.native`` builds it and reports; :func:`available` says whether it can be used.
 """
@@ -54,9 +56,11 @@ DTYPES = (jnp.float32, jnp.float64)
 TARGETS = (
     "lstm_forward",
     "lstm_inference",
+    "lstm_inference_pair",
     "lstm_backward",
     "lstm_backward_gates",
     "gru_forward",
+    "gru_inference_pair",
     "gru_backward",
     "gru_backward_gates",
 )
@@ -341,6 +345,50 @@ gru_recurrence = loops.loop_with_backward(
     """``(ys, h_n)`` of one GRU direction, as :func:`jlstm.fused.gru_recurrence` (same
     arguments, no ``unroll``/``hoist``).""",
 )
+
+
+# --------------------------------------------------------------------------------------------
+# Both directions of a bidirectional layer in one call: at inference the C++ team splits in two
+# and runs them side by side (csrc/recurrence.cc, run_pair). Any derivative takes each direction's
+# own loop (lstm_recurrence, gru_recurrence), so gradients, JVPs and their memory are those of two
+# separate directions.
+
+
+def _bidirectional(kind, recurrence, states):
+    @jax.custom_jvp
+    def both(forward, backward, x, valid):
+        _load()
+        length, batch, hidden = x.shape[0], x.shape[1], forward[-1].shape[-1]
+        outs = (like((length, batch, hidden), x),) + (like((batch, hidden), x),) * (states - 1)
+        results = jax.ffi.ffi_call(
+            f"jlstm_{kind}_inference_pair", outs * 2, vmap_method="sequential"
+        )(x, *forward, *backward, _valid_bytes(valid), masked=np.int64(valid is not None))
+        f, b = results[: len(outs)], results[len(outs) :]
+        return (*outputs(f[0], valid, False), *f[1:]), (*outputs(b[0], valid, True), *b[1:])
+
+    @both.defjvp
+    def _jvp(primals, tangents):
+        forward, backward, x, valid = primals
+        d_forward, d_backward, dx, _ = tangents
+
+        def one(arrays, x, reverse):
+            weights, carry = arrays[:-states], arrays[-states:]
+            return recurrence(*weights, x, *carry, valid, reverse)
+
+        out_f, t_f = jax.jvp(lambda a, x: one(a, x, False), (forward, x), (d_forward, dx))
+        out_b, t_b = jax.jvp(lambda a, x: one(a, x, True), (backward, x), (d_backward, dx))
+        return (out_f, out_b), (t_f, t_b)
+
+    both.__doc__ = f"""``(forward direction's, reverse direction's)`` results of one bidirectional
+    {kind.upper()} layer, each as :func:`{recurrence.__name__}` gives them with ``reverse`` False
+    and True. ``forward`` and ``backward`` hold each direction's arguments but ``x`` and
+    ``valid`` in :func:`{recurrence.__name__}`'s order (weights, then the initial state); ``x (L,
+    N, I)`` and ``valid (L, N, 1)`` bool or None are shared."""
+    return both
+
+
+lstm_bidirectional = _bidirectional("lstm", lstm_recurrence, states=2)
+gru_bidirectional = _bidirectional("gru", gru_recurrence, states=1)
 
 
 def main() -> None:

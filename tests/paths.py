@@ -41,3 +41,23 @@ def assert_matches_the_scan_path(impl, kind, size, dtype, tol):
         got = _value_and_grads(kind, params, x, state, impl, **kw)
         want = _value_and_grads(kind, params, x, state, "fused", **kw)
         assert_trees_close(got, want, rtol=tol, atol=tol)
+
+
+def assert_forward_matches_the_scan_path(impl, kind, size, dtype, tol):
+    """``impl``'s call without gradients, which may run other kernels than its training forward
+    (jlstm.native: a bidirectional layer's two directions in one call), gives the ``lax.scan``
+    path's outputs and final states for a 2-layer bidirectional layer of ``size = (L, N, I, H)``,
+    padded and packed."""
+    length, batch, inp, hidden = size
+    params, x, state = _problem(
+        kind, length, batch, inp, hidden, dtype, layers=2, bidirectional=True
+    )
+    lengths = jnp.arange(batch) % (length + 1)  # 0 (state passes through) up to full length
+    for kw in ({}, {"seq_lengths": lengths}):
+
+        def forward(params, x, state, impl, kw=kw):
+            return LAYERS[kind][0](params, x, state, impl=impl, **kw)
+
+        forward = jax.jit(forward, static_argnames="impl")
+        got, want = (forward(params, x, state, impl=i) for i in (impl, "fused"))
+        assert_trees_close(got, want, rtol=tol, atol=tol)

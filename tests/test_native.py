@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from paths import LAYERS, _problem, _value_and_grads, assert_matches_the_scan_path
+from paths import (
+    LAYERS,
+    _problem,
+    _value_and_grads,
+    assert_forward_matches_the_scan_path,
+    assert_matches_the_scan_path,
+)
 from trees import assert_trees_close
 
 import jlstm
@@ -60,6 +66,14 @@ SIZES = [(1, 1, 1, 1), (4, 9, 3, 15), (3, 2, 5, 16), (5, 3, 1, 17), (6, 17, 7, 3
 SIZES += [(7, 12, 3, 20)]
 
 
+def GRID(test):  # noqa: N802 (a decorator)
+    """Every size of SIZES in float64 and float32, with their tolerances."""
+    dtypes = [(jnp.float64, 1e-12), (jnp.float32, 2e-5)]
+    test = pytest.mark.parametrize("dtype,tol", dtypes, ids=["f64", "f32"])(test)
+    ids = lambda s: "L{}-N{}-I{}-H{}".format(*s)  # noqa: E731
+    return pytest.mark.parametrize("size", SIZES, ids=ids)(test)
+
+
 @pytest.fixture(params=["weights-in-loop", "gates-out", "gates-out-transposed"])
 def backward(request, monkeypatch):
     """Both ways the backward kernel can end: weight gradients summed in the loop, or every step's
@@ -101,13 +115,16 @@ def test_default_backward_by_batch(kind, batch, hidden, monkeypatch):
     jax.clear_caches()
 
 
-@pytest.mark.parametrize(
-    "dtype,tol", [(jnp.float64, 1e-12), (jnp.float32, 2e-5)], ids=["f64", "f32"]
-)
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: "L{}-N{}-I{}-H{}".format(*s))
+@GRID
 @KINDS
 def test_native_matches_the_scan_path(kind, size, dtype, tol, backward):
     assert_matches_the_scan_path("native", kind, size, dtype, tol)
+
+
+@GRID
+@KINDS
+def test_native_inference_matches_the_scan_path(kind, size, dtype, tol):
+    assert_forward_matches_the_scan_path("native", kind, size, dtype, tol)
 
 
 @KINDS
@@ -121,6 +138,29 @@ def test_inference_equals_the_training_forward(kind):
         return LAYERS[kind][0](p, x, state, seq_lengths=lengths, impl="native")
 
     assert_trees_close(jax.jit(run)(params), jax.vjp(run, params)[0], rtol=0, atol=0)
+
+
+@KINDS
+def test_a_bidirectional_layer_runs_its_directions_in_one_call(kind):
+    """At inference both directions of a bidirectional layer are one C++ call (a team per
+    direction, side by side); under a derivative, for a unidirectional layer or with
+    checkpoint_every segments, each direction is its own call."""
+    layer = LAYERS[kind][0]
+    params, x, state = _problem(kind, 6, 3, 4, 20, jnp.float32, layers=2, bidirectional=True)
+    one = f"@jlstm_{kind}_inference(" if kind == "lstm" else f"@jlstm_{kind}_forward("
+
+    def text(params, state, **kw):
+        return jax.jit(lambda p: layer(p, x, state, **kw)[0]).lower(params).as_text()
+
+    forward = text(params, state)
+    assert forward.count(f"@jlstm_{kind}_inference_pair(") == 2 and one not in forward
+    segmented = text(params, state, checkpoint_every=4)
+    assert "pair" not in segmented and segmented.count(one) == 4
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(layer(p, x, state)[0]))).lower(params)
+    assert "pair" not in grad.as_text()
+    uni_params, _, uni_state = _problem(kind, 6, 3, 4, 20, jnp.float32, layers=2)
+    unidirectional = text(uni_params, uni_state)
+    assert "pair" not in unidirectional and unidirectional.count(one) == 2
 
 
 @KINDS
@@ -210,6 +250,7 @@ for layer, init in ((jlstm.lstm, jlstm.init_lstm), (jlstm.gru, jlstm.init_gru)):
     p = init(jax.random.key(0), 6, 70, bidirectional=True, dtype=jnp.float64)
     loss = lambda p, x: jnp.sum(jnp.sin(layer(p, x, seq_lengths=jnp.arange(11) % 10)[0]))
     results += jax.tree.leaves(jax.value_and_grad(loss, argnums=(0, 1))(p, x))
+    results += jax.tree.leaves(jax.jit(layer)(p, x, seq_lengths=jnp.arange(11) % 10))
 np.savez(sys.argv[1], *results)
 """
 
@@ -217,7 +258,7 @@ np.savez(sys.argv[1], *results)
 _AVX2_SCRIPT = """
 import sys, jax, jax.numpy as jnp
 sys.path.insert(0, sys.argv[1])
-from paths import assert_matches_the_scan_path
+from paths import assert_forward_matches_the_scan_path, assert_matches_the_scan_path
 from jlstm import native
 jax.config.update("jax_enable_x64", True)
 assert "-mno-avx512f" in native.FLAGS and native.available(), native.unavailable_reason()
@@ -229,6 +270,8 @@ for in_loop in (native.WEIGHTS_IN_LOOP_BYTES, 0):
         for kind in ("lstm", "gru"):
             for dtype, tol in ((jnp.float64, 1e-12), (jnp.float32, 2e-5)):
                 assert_matches_the_scan_path("native", kind, size, dtype, tol)
+                if in_loop:
+                    assert_forward_matches_the_scan_path("native", kind, size, dtype, tol)
 """
 
 
@@ -251,7 +294,9 @@ def test_avx2_build_matches_the_scan_path(tmp_path):
 
 
 def test_results_do_not_depend_on_the_number_of_threads(tmp_path):
-    """Each thread owns a block of units; how the units are split must not change a single bit."""
+    """Each thread owns a block of units; how the units are split must not change a single bit,
+    nor, at inference, how a bidirectional LSTM layer's team splits between its directions (one
+    thread: one after the other; two: one each; three: one and two)."""
     results = []
     for threads in (1, 2, 3):
         out = tmp_path / f"t{threads}.npz"

@@ -10,7 +10,8 @@
 // sequential recurrence.
 //
 // Per layer direction: a forward that saves what the backward needs (gate activations, and for the
-// LSTM c_t), or nothing when no gradient is taken; a backward that runs the loop
+// LSTM c_t), or nothing when no gradient is taken (then also both directions of a bidirectional
+// layer in one call, half the team on each, see run_forward); a backward that runs the loop
 // backwards and either sums the weight gradients itself or hands every step's gate gradients to
 // XLA's whole-sequence GEMMs (jlstm.native chooses by size). Packed sequences: a step whose
 // `valid` byte is 0 keeps the carry and passes its gradient through, with zero gate gradients.
@@ -604,90 +605,92 @@ struct Buffers {
 // written; with it, every step's c and gate activations are saved (the backward recomputes
 // tanh(c) from c rather than keep it as one more (L, N, H) buffer: less memory and traffic).
 template <typename T>
-void lstm_forward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) {
-  Arena::Scope scratch;  // this call's scratch on the calling thread
-  const int64_t N = z.batch, I = z.input, H = z.hidden, G = 4 * H;
-  const bool save = io.acts != nullptr;
-  const int n = threads_for(H);
-  const size_t seq_bytes = z.length * N * H * sizeof(T);  // hs, cs; acts is 4x
+void lstm_forward_hint_pages(const Sizes& z, const Buffers<T>& io) {
+  const size_t seq_bytes = z.length * z.batch * z.hidden * sizeof(T);  // hs, cs; acts is 4x
   prefer_huge_pages(io.hs, seq_bytes);
-  if (save) {
+  if (io.acts != nullptr) {
     prefer_huge_pages(io.cs, seq_bytes);
     prefer_huge_pages(io.acts, 4 * seq_bytes);
   }
-  Barrier barrier;
-  run_team(pool, n, 8.0 * z.length * N * (I + H) * H, [&](int k, int threads) {
-    int64_t u0, u1;
-    unit_range(H, k, threads, u0, u1);
-    const int64_t nu = u1 - u0;
-    // This thread's columns of [W_ih W_hh]^T, gate-major: column g*nu + j is gate row g*H + u0 + j.
-    const PackedB<T> wk(I + H, 4 * nu, I, [&](int64_t r, int64_t col) {
-      const int64_t gate_row = col / nu * H + u0 + col % nu;
-      return r < I ? io.w_ih[gate_row * I + r] : io.w_hh[gate_row * H + r - I];
-    });
-    Scratch<T> pre(N * 4 * nu), bias(4 * nu), c_own;
-    for (int64_t g = 0; g < 4; ++g)
-      std::copy(io.bias + g * H + u0, io.bias + g * H + u1, bias.begin() + g * nu);
-    if (!save) {  // c of this thread's units, updated in place
-      c_own.resize(N * nu);
-      for (int64_t b = 0; b < N; ++b)
-        std::copy(io.c0 + b * H + u0, io.c0 + b * H + u1, &c_own[b * nu]);
-    }
-    const T* bs = bias.data();
-    for (int64_t s = 0; s < z.length; ++s) {
-      const int64_t t = z.time(s);
-      const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
-      const T* c_prev = s == 0 ? io.c0 : io.cs + z.time(s - 1) * N * H;
-      if (nu > 0) wk.multiply(N, io.x + t * N * I, I, h_prev, H, pre.data(), 4 * nu);
-      for (int64_t b = 0; b < N; ++b) {
-        const int64_t row = t * N + b;
-        const T* p = pre.data() + b * 4 * nu;
-        const T* hp = h_prev + b * H + u0;
-        T* h = io.hs + row * H + u0;
-        // Saved: in the (L, N, ...) buffers; inference: c in place, the gates not kept.
-        T* c = save ? io.cs + row * H + u0 : &c_own[b * nu];
-        const T* cp = save ? c_prev + b * H + u0 : c;
-        T* a = save ? io.acts + row * G + u0 : nullptr;
-        const bool keep = z.masked && !io.valid[row];
-        if (keep && !save) {  // the carry stays, nothing to compute
-          std::copy(hp, hp + nu, h);
-          continue;
-        }
-        // Two loops, with and without the gates' stores: inference stored them into a scratch
-        // buffer of N x 4H per thread that nothing read (without: small fwd 0.95 of the time,
-        // wide 0.98, medium and mnist unchanged; Zen 3 EPYC, experiments.perf.profile_case).
-        auto cell = [&](auto saving) {
-#pragma omp simd
-          for (int64_t j = 0; j < nu; ++j) {
-            const T i = sigmoid(p[j] + bs[j]);
-            const T f = sigmoid(p[nu + j] + bs[nu + j]);
-            const T g = gate_tanh(p[2 * nu + j] + bs[2 * nu + j]);
-            const T o = sigmoid(p[3 * nu + j] + bs[3 * nu + j]);
-            const T c_new = f * cp[j] + i * g;
-            if constexpr (decltype(saving)::value) {
-              a[j] = i;
-              a[H + j] = f;
-              a[2 * H + j] = g;
-              a[3 * H + j] = o;
-            }
-            c[j] = c_new;
-            h[j] = o * gate_tanh(c_new);
-          }
-        };
-        save ? cell(std::true_type{}) : cell(std::false_type{});
-        if (keep) {
-          std::copy(cp, cp + nu, c);
-          std::copy(hp, hp + nu, h);
-        }
-      }
-      barrier.wait(threads);
-    }
-    const int64_t last = z.time(z.length - 1);
-    for (int64_t b = 0; b < N; ++b) {
-      const T* c = save ? io.cs + (last * N + b) * H + u0 : &c_own[b * nu];
-      std::copy(c, c + nu, io.c_n + b * H + u0);
-    }
+}
+
+// Member k of a team of `threads` that runs the loop (and meets at `barrier` once per step).
+template <typename T>
+void lstm_forward_member(const Sizes& z, const Buffers<T>& io, int k, int threads,
+                         Barrier& barrier) {
+  Arena::Scope scratch;  // this member's packed weights and buffers
+  const int64_t N = z.batch, I = z.input, H = z.hidden, G = 4 * H;
+  const bool save = io.acts != nullptr;
+  int64_t u0, u1;
+  unit_range(H, k, threads, u0, u1);
+  const int64_t nu = u1 - u0;
+  // This thread's columns of [W_ih W_hh]^T, gate-major: column g*nu + j is gate row g*H + u0 + j.
+  const PackedB<T> wk(I + H, 4 * nu, I, [&](int64_t r, int64_t col) {
+    const int64_t gate_row = col / nu * H + u0 + col % nu;
+    return r < I ? io.w_ih[gate_row * I + r] : io.w_hh[gate_row * H + r - I];
   });
+  Scratch<T> pre(N * 4 * nu), bias(4 * nu), c_own;
+  for (int64_t g = 0; g < 4; ++g)
+    std::copy(io.bias + g * H + u0, io.bias + g * H + u1, bias.begin() + g * nu);
+  if (!save) {  // c of this thread's units, updated in place
+    c_own.resize(N * nu);
+    for (int64_t b = 0; b < N; ++b)
+      std::copy(io.c0 + b * H + u0, io.c0 + b * H + u1, &c_own[b * nu]);
+  }
+  const T* bs = bias.data();
+  for (int64_t s = 0; s < z.length; ++s) {
+    const int64_t t = z.time(s);
+    const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
+    const T* c_prev = s == 0 ? io.c0 : io.cs + z.time(s - 1) * N * H;
+    if (nu > 0) wk.multiply(N, io.x + t * N * I, I, h_prev, H, pre.data(), 4 * nu);
+    for (int64_t b = 0; b < N; ++b) {
+      const int64_t row = t * N + b;
+      const T* p = pre.data() + b * 4 * nu;
+      const T* hp = h_prev + b * H + u0;
+      T* h = io.hs + row * H + u0;
+      // Saved: in the (L, N, ...) buffers; inference: c in place, the gates not kept.
+      T* c = save ? io.cs + row * H + u0 : &c_own[b * nu];
+      const T* cp = save ? c_prev + b * H + u0 : c;
+      T* a = save ? io.acts + row * G + u0 : nullptr;
+      const bool keep = z.masked && !io.valid[row];
+      if (keep && !save) {  // the carry stays, nothing to compute
+        std::copy(hp, hp + nu, h);
+        continue;
+      }
+      // Two loops, with and without the gates' stores: inference stored them into a scratch
+      // buffer of N x 4H per thread that nothing read (without: small fwd 0.95 of the time,
+      // wide 0.98, medium and mnist unchanged; Zen 3 EPYC, experiments.perf.profile_case).
+      auto cell = [&](auto saving) {
+#pragma omp simd
+        for (int64_t j = 0; j < nu; ++j) {
+          const T i = sigmoid(p[j] + bs[j]);
+          const T f = sigmoid(p[nu + j] + bs[nu + j]);
+          const T g = gate_tanh(p[2 * nu + j] + bs[2 * nu + j]);
+          const T o = sigmoid(p[3 * nu + j] + bs[3 * nu + j]);
+          const T c_new = f * cp[j] + i * g;
+          if constexpr (decltype(saving)::value) {
+            a[j] = i;
+            a[H + j] = f;
+            a[2 * H + j] = g;
+            a[3 * H + j] = o;
+          }
+          c[j] = c_new;
+          h[j] = o * gate_tanh(c_new);
+        }
+      };
+      save ? cell(std::true_type{}) : cell(std::false_type{});
+      if (keep) {
+        std::copy(cp, cp + nu, c);
+        std::copy(hp, hp + nu, h);
+      }
+    }
+    barrier.wait(threads);
+  }
+  const int64_t last = z.time(z.length - 1);
+  for (int64_t b = 0; b < N; ++b) {
+    const T* c = save ? io.cs + (last * N + b) * H + u0 : &c_own[b * nu];
+    std::copy(c, c + nu, io.c_n + b * H + u0);
+  }
 }
 
 // The backward loop. Thread k owns the dh, dc of its units. A step: the gate gradients of its
@@ -827,59 +830,107 @@ struct GruBuffers {
 };
 
 template <typename T>
-void gru_forward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io) {
-  Arena::Scope scratch;  // this call's scratch on the calling thread
-  const int64_t N = z.batch, I = z.input, H = z.hidden, G = 3 * H;
+void gru_forward_hint_pages(const Sizes& z, const GruBuffers<T>& io) {
+  prefer_huge_pages(io.hs, z.length * z.batch * z.hidden * sizeof(T));
+  if (io.acts != nullptr) prefer_huge_pages(io.acts, z.length * z.batch * 4 * z.hidden * sizeof(T));
+}
+
+// Member k of a team of `threads` that runs the loop (and meets at `barrier` once per step).
+template <typename T>
+void gru_forward_member(const Sizes& z, const GruBuffers<T>& io, int k, int threads,
+                        Barrier& barrier) {
+  Arena::Scope scratch;  // this member's packed weights and buffers
+  const int64_t N = z.batch, I = z.input, H = z.hidden;
   const bool save = io.acts != nullptr;
-  prefer_huge_pages(io.hs, z.length * N * H * sizeof(T));
-  if (save) prefer_huge_pages(io.acts, z.length * N * 4 * H * sizeof(T));
-  Barrier barrier;
-  run_team(pool, threads_for(H), 6.0 * z.length * N * (I + H) * H, [&](int k, int threads) {
-    int64_t u0, u1;
-    unit_range(H, k, threads, u0, u1);
-    const int64_t nu = u1 - u0;
-    auto gate_row = [&](int64_t col) { return col / nu * H + u0 + col % nu; };
-    const PackedB<T> wx(I, 3 * nu, I, [&](int64_t r, int64_t c) { return io.w_ih[gate_row(c) * I + r]; });
-    const PackedB<T> wh(H, 3 * nu, H, [&](int64_t r, int64_t c) { return io.w_hh[gate_row(c) * H + r]; });
-    Scratch<T> px(N * 3 * nu), ph(N * 3 * nu), bias(3 * nu), a_own(save ? 0 : 4 * H);
-    for (int64_t g = 0; g < 3; ++g)
-      std::copy(io.bias + g * H + u0, io.bias + g * H + u1, bias.begin() + g * nu);
-    const T* bs = bias.data();
-    const T* bn = io.b_hn + u0;
-    for (int64_t s = 0; s < z.length; ++s) {
-      const int64_t t = z.time(s);
-      const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
-      if (nu > 0) {
-        wx.multiply(N, io.x + t * N * I, I, io.x + t * N * I, I, px.data(), 3 * nu);
-        wh.multiply(N, h_prev, H, h_prev, H, ph.data(), 3 * nu);
+  int64_t u0, u1;
+  unit_range(H, k, threads, u0, u1);
+  const int64_t nu = u1 - u0;
+  auto gate_row = [&](int64_t col) { return col / nu * H + u0 + col % nu; };
+  const PackedB<T> wx(I, 3 * nu, I, [&](int64_t r, int64_t c) { return io.w_ih[gate_row(c) * I + r]; });
+  const PackedB<T> wh(H, 3 * nu, H, [&](int64_t r, int64_t c) { return io.w_hh[gate_row(c) * H + r]; });
+  Scratch<T> px(N * 3 * nu), ph(N * 3 * nu), bias(3 * nu), a_own(save ? 0 : 4 * H);
+  for (int64_t g = 0; g < 3; ++g)
+    std::copy(io.bias + g * H + u0, io.bias + g * H + u1, bias.begin() + g * nu);
+  const T* bs = bias.data();
+  const T* bn = io.b_hn + u0;
+  for (int64_t s = 0; s < z.length; ++s) {
+    const int64_t t = z.time(s);
+    const T* h_prev = s == 0 ? io.h0 : io.hs + z.time(s - 1) * N * H;
+    if (nu > 0) {
+      wx.multiply(N, io.x + t * N * I, I, io.x + t * N * I, I, px.data(), 3 * nu);
+      wh.multiply(N, h_prev, H, h_prev, H, ph.data(), 3 * nu);
+    }
+    for (int64_t b = 0; b < N; ++b) {
+      const int64_t row = t * N + b;
+      const T* qx = px.data() + b * 3 * nu;
+      const T* qh = ph.data() + b * 3 * nu;
+      const T* hp = h_prev + b * H + u0;
+      T* h = io.hs + row * H + u0;
+      if (z.masked && !io.valid[row]) {  // the carry stays
+        std::copy(hp, hp + nu, h);
+        continue;
       }
-      for (int64_t b = 0; b < N; ++b) {
-        const int64_t row = t * N + b;
-        const T* qx = px.data() + b * 3 * nu;
-        const T* qh = ph.data() + b * 3 * nu;
-        const T* hp = h_prev + b * H + u0;
-        T* h = io.hs + row * H + u0;
-        if (z.masked && !io.valid[row]) {  // the carry stays
-          std::copy(hp, hp + nu, h);
-          continue;
-        }
-        T* a = save ? io.acts + row * 4 * H + u0 : a_own.data();
+      T* a = save ? io.acts + row * 4 * H + u0 : a_own.data();
 #pragma omp simd
-        for (int64_t j = 0; j < nu; ++j) {
-          const T r = sigmoid(qx[j] + qh[j] + bs[j]);
-          const T u = sigmoid(qx[nu + j] + qh[nu + j] + bs[nu + j]);
-          const T hn = qh[2 * nu + j] + bn[j];
-          const T n = gate_tanh(qx[2 * nu + j] + bs[2 * nu + j] + r * hn);
-          a[j] = r;
-          a[H + j] = u;
-          a[2 * H + j] = n;
-          a[3 * H + j] = hn;
-          h[j] = n + u * (hp[j] - n);
-        }
+      for (int64_t j = 0; j < nu; ++j) {
+        const T r = sigmoid(qx[j] + qh[j] + bs[j]);
+        const T u = sigmoid(qx[nu + j] + qh[nu + j] + bs[nu + j]);
+        const T hn = qh[2 * nu + j] + bn[j];
+        const T n = gate_tanh(qx[2 * nu + j] + bs[2 * nu + j] + r * hn);
+        a[j] = r;
+        a[H + j] = u;
+        a[2 * H + j] = n;
+        a[3 * H + j] = hn;
+        h[j] = n + u * (hp[j] - n);
       }
-      barrier.wait(threads);
+    }
+    barrier.wait(threads);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The forward loops on a team: one direction, or both directions of a bidirectional layer at
+// inference side by side. For two, the team splits in two: the first half runs the forward
+// direction and the second the reverse one, each half with its own barrier (with two cores, a
+// thread per direction and no barrier at all); a team of one (no helper came) runs them one after
+// the other. Run one after the other by a team of two, a medium layer's directions (32 x 128 x 128
+// -> 256) wait at 128 barriers each and every step's GEMM is split in two; side by side, two
+// processes of one thread each took 0.94 of the time of one direction after the other on two cores
+// (0.97 with 512 inputs), 2-core Zen 3 EPYC.
+//
+// z[d], io[d]: direction d's sizes and buffers (d = 1 reverse); `gates` per unit (LSTM 4, GRU 3),
+// for the flop count that bounds how long the caller waits for helpers; hint(z, io) asks for huge
+// pages over the results, member(z, io, k, threads, barrier) runs member k of a team of `threads`.
+template <typename Io, typename Hint, typename Member>
+void run_forward(ffi::ThreadPool& pool, int directions, const Sizes* z, const Io* io, int gates,
+                 Hint hint, Member member) {
+  const double flops =
+      2.0 * gates * directions * z[0].length * z[0].batch * (z[0].input + z[0].hidden) * z[0].hidden;
+  for (int d = 0; d < directions; ++d) hint(z[d], io[d]);
+  Barrier barriers[2];
+  const int n = std::min(max_threads(), directions * threads_for(z[0].hidden));
+  run_team(pool, n, flops, [&](int k, int threads) {
+    if (directions == 1) {
+      member(z[0], io[0], k, threads, barriers[0]);
+    } else if (threads == 1) {
+      member(z[0], io[0], 0, 1, barriers[0]);
+      member(z[1], io[1], 0, 1, barriers[1]);
+    } else if (const int half = threads / 2; k < half) {
+      member(z[0], io[0], k, half, barriers[0]);
+    } else {
+      member(z[1], io[1], k - half, threads - half, barriers[1]);
     }
   });
+}
+
+template <typename T>
+void lstm_forward(ffi::ThreadPool& pool, int directions, const Sizes* z, const Buffers<T>* io) {
+  run_forward(pool, directions, z, io, 4, lstm_forward_hint_pages<T>, lstm_forward_member<T>);
+}
+
+template <typename T>
+void gru_forward(ffi::ThreadPool& pool, int directions, const Sizes* z, const GruBuffers<T>* io) {
+  run_forward(pool, directions, z, io, 3, gru_forward_hint_pages<T>, gru_forward_member<T>);
 }
 
 // As lstm_backward: weights in the loop (io.dw_ih given) or every step's gate gradients out,
@@ -1036,9 +1087,10 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
                            ffi::Result<ffi::AnyBuffer> hs, ffi::Result<ffi::AnyBuffer> c_n,
                            ffi::Result<ffi::AnyBuffer> cs, ffi::Result<ffi::AnyBuffer> acts) {
   return by_dtype(x.element_type(), [&]<typename T>() {
-    lstm_forward<T>(pool, sizes_of(x, h0, reverse, masked),
-                    {in<T>(x), in<T>(w_ih), in<T>(w_hh), in<T>(bias), in<T>(h0), in<T>(c0),
-                     valid.typed_data(), out<T>(hs), out<T>(c_n), out<T>(cs), out<T>(acts)});
+    const Sizes z = sizes_of(x, h0, reverse, masked);
+    const Buffers<T> io{in<T>(x), in<T>(w_ih), in<T>(w_hh), in<T>(bias), in<T>(h0), in<T>(c0),
+                        valid.typed_data(), out<T>(hs), out<T>(c_n), out<T>(cs), out<T>(acts)};
+    lstm_forward<T>(pool, 1, &z, &io);
   });
 }
 
@@ -1047,9 +1099,30 @@ ffi::Error LstmInferenceImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
                              ffi::Buffer<ffi::U8> valid, int64_t reverse, int64_t masked,
                              ffi::Result<ffi::AnyBuffer> hs, ffi::Result<ffi::AnyBuffer> c_n) {
   return by_dtype(x.element_type(), [&]<typename T>() {
-    lstm_forward<T>(pool, sizes_of(x, h0, reverse, masked),
-                    {in<T>(x), in<T>(w_ih), in<T>(w_hh), in<T>(bias), in<T>(h0), in<T>(c0),
-                     valid.typed_data(), out<T>(hs), out<T>(c_n)});
+    const Sizes z = sizes_of(x, h0, reverse, masked);
+    const Buffers<T> io{in<T>(x), in<T>(w_ih), in<T>(w_hh), in<T>(bias), in<T>(h0), in<T>(c0),
+                        valid.typed_data(), out<T>(hs), out<T>(c_n)};
+    lstm_forward<T>(pool, 1, &z, &io);
+  });
+}
+
+// Both directions of a bidirectional layer at inference (lstm_inference_pair): the same x,
+// `valid` and sizes, the forward direction's weights and states first.
+ffi::Error LstmInferencePairImpl(
+    ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_ih_f, ffi::AnyBuffer w_hh_f,
+    ffi::AnyBuffer bias_f, ffi::AnyBuffer h0_f, ffi::AnyBuffer c0_f, ffi::AnyBuffer w_ih_b,
+    ffi::AnyBuffer w_hh_b, ffi::AnyBuffer bias_b, ffi::AnyBuffer h0_b, ffi::AnyBuffer c0_b,
+    ffi::Buffer<ffi::U8> valid, int64_t masked, ffi::Result<ffi::AnyBuffer> hs_f,
+    ffi::Result<ffi::AnyBuffer> c_n_f, ffi::Result<ffi::AnyBuffer> hs_b,
+    ffi::Result<ffi::AnyBuffer> c_n_b) {
+  return by_dtype(x.element_type(), [&]<typename T>() {
+    const Sizes z[2] = {sizes_of(x, h0_f, false, masked), sizes_of(x, h0_b, true, masked)};
+    const Buffers<T> io[2] = {
+        {in<T>(x), in<T>(w_ih_f), in<T>(w_hh_f), in<T>(bias_f), in<T>(h0_f), in<T>(c0_f),
+         valid.typed_data(), out<T>(hs_f), out<T>(c_n_f)},
+        {in<T>(x), in<T>(w_ih_b), in<T>(w_hh_b), in<T>(bias_b), in<T>(h0_b), in<T>(c0_b),
+         valid.typed_data(), out<T>(hs_b), out<T>(c_n_b)}};
+    lstm_forward<T>(pool, 2, z, io);
   });
 }
 
@@ -1111,7 +1184,31 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
     io.x = in<T>(x), io.w_ih = in<T>(w_ih), io.w_hh = in<T>(w_hh), io.bias = in<T>(bias);
     io.b_hn = in<T>(b_hn), io.h0 = in<T>(h0), io.valid = valid.typed_data();
     io.hs = out<T>(hs), io.acts = acts->element_count() ? out<T>(acts) : nullptr;
-    gru_forward<T>(pool, sizes_of(x, h0, reverse, masked), io);
+    const Sizes z = sizes_of(x, h0, reverse, masked);
+    gru_forward<T>(pool, 1, &z, &io);
+  });
+}
+
+// Both directions of a bidirectional GRU layer at inference (gru_inference_pair), as for the
+// LSTM.
+ffi::Error GruInferencePairImpl(
+    ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_ih_f, ffi::AnyBuffer w_hh_f,
+    ffi::AnyBuffer bias_f, ffi::AnyBuffer b_hn_f, ffi::AnyBuffer h0_f, ffi::AnyBuffer w_ih_b,
+    ffi::AnyBuffer w_hh_b, ffi::AnyBuffer bias_b, ffi::AnyBuffer b_hn_b, ffi::AnyBuffer h0_b,
+    ffi::Buffer<ffi::U8> valid, int64_t masked, ffi::Result<ffi::AnyBuffer> hs_f,
+    ffi::Result<ffi::AnyBuffer> hs_b) {
+  return by_dtype(x.element_type(), [&]<typename T>() {
+    const Sizes z[2] = {sizes_of(x, h0_f, false, masked), sizes_of(x, h0_b, true, masked)};
+    GruBuffers<T> io[2] = {};
+    const ffi::AnyBuffer* args[2][5] = {{&w_ih_f, &w_hh_f, &bias_f, &b_hn_f, &h0_f},
+                                        {&w_ih_b, &w_hh_b, &bias_b, &b_hn_b, &h0_b}};
+    ffi::Result<ffi::AnyBuffer>* hs[2] = {&hs_f, &hs_b};
+    for (int d = 0; d < 2; ++d) {
+      io[d].x = in<T>(x), io[d].w_ih = in<T>(*args[d][0]), io[d].w_hh = in<T>(*args[d][1]);
+      io[d].bias = in<T>(*args[d][2]), io[d].b_hn = in<T>(*args[d][3]), io[d].h0 = in<T>(*args[d][4]);
+      io[d].valid = valid.typed_data(), io[d].hs = out<T>(*hs[d]);
+    }
+    gru_forward<T>(pool, 2, z, io);
   });
 }
 
@@ -1181,6 +1278,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmForward, LstmForwardImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmInference, LstmInferenceImpl, JLSTM_FORWARD_ARGS);
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmLstmInferencePair, LstmInferencePairImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()        // x
+                                  .Arg<ffi::AnyBuffer>()        // w_ih, forward direction
+                                  .Arg<ffi::AnyBuffer>()        // w_hh
+                                  .Arg<ffi::AnyBuffer>()        // bias
+                                  .Arg<ffi::AnyBuffer>()        // h0
+                                  .Arg<ffi::AnyBuffer>()        // c0
+                                  .Arg<ffi::AnyBuffer>()        // w_ih, reverse direction
+                                  .Arg<ffi::AnyBuffer>()        // w_hh
+                                  .Arg<ffi::AnyBuffer>()        // bias
+                                  .Arg<ffi::AnyBuffer>()        // h0
+                                  .Arg<ffi::AnyBuffer>()        // c0
+                                  .Arg<ffi::Buffer<ffi::U8>>()  // valid
+                                  .Attr<int64_t>("masked")
+                                  .Ret<ffi::AnyBuffer>()    // hs, forward direction
+                                  .Ret<ffi::AnyBuffer>()    // c_n
+                                  .Ret<ffi::AnyBuffer>()    // hs, reverse direction
+                                  .Ret<ffi::AnyBuffer>());  // c_n
+
 #define JLSTM_BACKWARD_ARGS                                   \
   ffi::Ffi::Bind()                                            \
       .Ctx<ffi::ThreadPool>()                                 \
@@ -1229,6 +1347,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmGruForward, GruForwardImpl,
                                   .Attr<int64_t>("masked")
                                   .Ret<ffi::AnyBuffer>()    // hs
                                   .Ret<ffi::AnyBuffer>());  // [r | z | n | hn] or empty
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmGruInferencePair, GruInferencePairImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()        // x
+                                  .Arg<ffi::AnyBuffer>()        // w_ih, forward direction
+                                  .Arg<ffi::AnyBuffer>()        // w_hh
+                                  .Arg<ffi::AnyBuffer>()        // folded bias
+                                  .Arg<ffi::AnyBuffer>()        // b_hn
+                                  .Arg<ffi::AnyBuffer>()        // h0
+                                  .Arg<ffi::AnyBuffer>()        // w_ih, reverse direction
+                                  .Arg<ffi::AnyBuffer>()        // w_hh
+                                  .Arg<ffi::AnyBuffer>()        // folded bias
+                                  .Arg<ffi::AnyBuffer>()        // b_hn
+                                  .Arg<ffi::AnyBuffer>()        // h0
+                                  .Arg<ffi::Buffer<ffi::U8>>()  // valid
+                                  .Attr<int64_t>("masked")
+                                  .Ret<ffi::AnyBuffer>()    // hs, forward direction
+                                  .Ret<ffi::AnyBuffer>());  // hs, reverse direction
 
 #define JLSTM_GRU_BACKWARD_ARGS                               \
   ffi::Ffi::Bind()                                            \
