@@ -349,7 +349,7 @@ gru_recurrence = loops.loop_with_backward(
 
 # --------------------------------------------------------------------------------------------
 # Both directions of a bidirectional layer in one call: at inference the C++ team splits in two
-# and runs them side by side (csrc/recurrence.cc, run_pair). Any derivative takes each direction's
+# and runs them side by side (csrc/recurrence.cc, run_forward). Any derivative takes each direction's
 # own loop (lstm_recurrence, gru_recurrence), so gradients, JVPs and their memory are those of two
 # separate directions.
 
@@ -380,10 +380,10 @@ def _bidirectional(kind, recurrence, states):
         return (out_f, out_b), (t_f, t_b)
 
     both.__doc__ = f"""``(forward direction's, reverse direction's)`` results of one bidirectional
-    {kind.upper()} layer, each as :func:`{recurrence.__name__}` gives them with ``reverse`` False
-    and True. ``forward`` and ``backward`` hold each direction's arguments but ``x`` and
-    ``valid`` in :func:`{recurrence.__name__}`'s order (weights, then the initial state); ``x (L,
-    N, I)`` and ``valid (L, N, 1)`` bool or None are shared."""
+    {kind.upper()} layer, each as :func:`{kind}_recurrence` gives them with ``reverse`` False and
+    True. ``forward`` and ``backward`` hold each direction's arguments but ``x`` and ``valid`` in
+    :func:`{kind}_recurrence`'s order (weights, then the initial state); ``x (L, N, I)`` and
+    ``valid (L, N, 1)`` bool or None are shared."""
     return both
 
 
