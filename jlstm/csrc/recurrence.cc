@@ -1174,16 +1174,27 @@ ffi::Error LstmBackwardGatesImpl(JLSTM_BACKWARD_PARAMS, ffi::Result<ffi::AnyBuff
   });
 }
 
+// A GRU forward's buffers (one direction), without `acts` (inference).
+template <typename T>
+GruBuffers<T> gru_forward_buffers(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w_ih,
+                                  const ffi::AnyBuffer& w_hh, const ffi::AnyBuffer& bias,
+                                  const ffi::AnyBuffer& b_hn, const ffi::AnyBuffer& h0,
+                                  const ffi::Buffer<ffi::U8>& valid,
+                                  ffi::Result<ffi::AnyBuffer>& hs) {
+  GruBuffers<T> io{};
+  io.x = in<T>(x), io.w_ih = in<T>(w_ih), io.w_hh = in<T>(w_hh), io.bias = in<T>(bias);
+  io.b_hn = in<T>(b_hn), io.h0 = in<T>(h0), io.valid = valid.typed_data(), io.hs = out<T>(hs);
+  return io;
+}
+
 ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w_ih,
                           ffi::AnyBuffer w_hh, ffi::AnyBuffer bias, ffi::AnyBuffer b_hn,
                           ffi::AnyBuffer h0, ffi::Buffer<ffi::U8> valid, int64_t reverse,
                           int64_t masked, ffi::Result<ffi::AnyBuffer> hs,
                           ffi::Result<ffi::AnyBuffer> acts) {
   return by_dtype(x.element_type(), [&]<typename T>() {
-    GruBuffers<T> io{};
-    io.x = in<T>(x), io.w_ih = in<T>(w_ih), io.w_hh = in<T>(w_hh), io.bias = in<T>(bias);
-    io.b_hn = in<T>(b_hn), io.h0 = in<T>(h0), io.valid = valid.typed_data();
-    io.hs = out<T>(hs), io.acts = acts->element_count() ? out<T>(acts) : nullptr;
+    GruBuffers<T> io = gru_forward_buffers<T>(x, w_ih, w_hh, bias, b_hn, h0, valid, hs);
+    io.acts = acts->element_count() ? out<T>(acts) : nullptr;
     const Sizes z = sizes_of(x, h0, reverse, masked);
     gru_forward<T>(pool, 1, &z, &io);
   });
@@ -1199,15 +1210,9 @@ ffi::Error GruInferencePairImpl(
     ffi::Result<ffi::AnyBuffer> hs_b) {
   return by_dtype(x.element_type(), [&]<typename T>() {
     const Sizes z[2] = {sizes_of(x, h0_f, false, masked), sizes_of(x, h0_b, true, masked)};
-    GruBuffers<T> io[2] = {};
-    const ffi::AnyBuffer* args[2][5] = {{&w_ih_f, &w_hh_f, &bias_f, &b_hn_f, &h0_f},
-                                        {&w_ih_b, &w_hh_b, &bias_b, &b_hn_b, &h0_b}};
-    ffi::Result<ffi::AnyBuffer>* hs[2] = {&hs_f, &hs_b};
-    for (int d = 0; d < 2; ++d) {
-      io[d].x = in<T>(x), io[d].w_ih = in<T>(*args[d][0]), io[d].w_hh = in<T>(*args[d][1]);
-      io[d].bias = in<T>(*args[d][2]), io[d].b_hn = in<T>(*args[d][3]), io[d].h0 = in<T>(*args[d][4]);
-      io[d].valid = valid.typed_data(), io[d].hs = out<T>(*hs[d]);
-    }
+    const GruBuffers<T> io[2] = {
+        gru_forward_buffers<T>(x, w_ih_f, w_hh_f, bias_f, b_hn_f, h0_f, valid, hs_f),
+        gru_forward_buffers<T>(x, w_ih_b, w_hh_b, bias_b, b_hn_b, h0_b, valid, hs_b)};
     gru_forward<T>(pool, 2, z, io);
   });
 }
