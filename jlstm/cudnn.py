@@ -51,7 +51,8 @@ def _forward(weights, x, h0, c0, lengths, reverse, save):
     return out, (residuals[-2:] if save else ())
 
 
-def _backward(reverse, residuals, cotangents):
+def _backward(reverse, residuals, cotangents, needed):
+    del needed  # cuDNN's backward forms every gradient
     weights, x, h0, c0, lengths, (y, reserve) = residuals
     cudnn_residuals = (x, h0, c0, weights, lengths, y, reserve)
     dx, dh0, dc0, dw, _ = rnn.lstm_bwd(*_static(x, h0), cudnn_residuals, cotangents)

@@ -88,7 +88,8 @@ def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, unroll, hoist, sa
     return (ys, h_n, c_n), saved
 
 
-def _lstm_bwd(reverse, unroll, hoist, residuals, cotangents):
+def _lstm_bwd(reverse, unroll, hoist, residuals, cotangents, needed):
+    del needed  # what is not needed is XLA's to drop (dead code)
     w_ih, w_hh, _, x, _, _, valid, (factors, dh_to_dc, forget, hs_prev) = residuals
     dys, dh_n, dc_n = cotangents
 
@@ -157,7 +158,8 @@ def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, unroll, hoist, s
     return (ys, h_n), saved
 
 
-def _gru_bwd(reverse, unroll, hoist, residuals, cotangents):
+def _gru_bwd(reverse, unroll, hoist, residuals, cotangents, needed):
+    del needed  # what is not needed is XLA's to drop (dead code)
     w_ih, w_hh, _, _, x, _, valid, (rzs, ns, hns, hs_prev) = residuals
     dys, dh_n = cotangents
 

@@ -229,7 +229,9 @@ class _Spec:
     """What ``lin_p`` needs besides its operands (a hashable primitive parameter)."""
 
     reference: Callable
-    backward: Callable  # the custom_jvp-wrapped backward: (arrays, valid, saved, cts, static)
+    backward: (
+        Callable  # the custom_jvp-wrapped backward: (arrays, valid, saved, cts, static, needed)
+    )
     static: tuple
     num_arrays: int
     masked: bool
@@ -289,10 +291,15 @@ def _lin_jvp(primals, tangents, *, spec):
 
 
 def _lin_transpose(cotangents, *flat, spec):
-    arrays, valid, saved, _ = spec.split(flat)
+    arrays, valid, saved, tangents = spec.split(flat)
     cotangents = jax.tree.unflatten(spec.out, [ad.instantiate_zeros(ct) for ct in cotangents])
-    grads = spec.backward(arrays, valid, saved, cotangents, spec.static)
-    return [None] * (len(flat) - spec.num_arrays) + list(grads)
+    # A tangent that is a value here, not an undefined primal, belongs to an argument nothing
+    # differentiates (the data fed to a first layer, zero initial states): its gradient is not
+    # needed, and the backward may skip it.
+    needed = tuple(isinstance(t, ad.UndefinedPrimal) for t in tangents)
+    grads = spec.backward(arrays, valid, saved, cotangents, spec.static, needed)
+    grads = [g if want else None for g, want in zip(grads, needed, strict=True)]
+    return [None] * (len(flat) - spec.num_arrays) + grads
 
 
 def _lin_batch(args, dims, *, spec):
@@ -332,16 +339,19 @@ def loop_with_backward(
     differentiable in, ``valid`` (``(L, N, 1)`` bool or None) and hashable ``static`` arguments
     of which the first is ``reverse``. ``forward(*arrays, valid, *static, save) -> (out, saved)``
     runs the loop, saving what the backward needs when ``save``; ``backward(*static, (*arrays,
-    valid, saved), cotangents)`` returns one gradient per array (and None for ``valid``);
+    valid, saved), cotangents, needed)`` returns one gradient per array (and None for ``valid``);
     ``reference(*arrays, valid, reverse) -> out`` computes the same in plain JAX (e.g.
-    :func:`lstm_reference`). How each transformation is served is in this module's docstring.
+    :func:`lstm_reference`). ``needed``, one bool per array, says which gradients will be used: a
+    gradient that is not may be returned as None, and work done only for it skipped (an argument
+    nothing differentiates, such as the data a first layer reads). How each transformation is
+    served is in this module's docstring.
 
     >>> import jax, jax.numpy as jnp
     >>> def forward(w, x, valid, reverse, save):
     ...     return w * x, (x,) if save else ()
-    >>> def backward(reverse, residuals, ct):
+    >>> def backward(reverse, residuals, ct, needed):
     ...     w, x, valid, (saved_x,) = residuals
-    ...     return (jnp.sum(ct * saved_x), ct * w, None)
+    ...     return (jnp.sum(ct * saved_x), ct * w if needed[1] else None, None)
     >>> loop = loop_with_backward(
     ...     forward, backward, lambda w, x, valid, reverse: w * x, "w * x", num_arrays=2
     ... )
@@ -356,20 +366,27 @@ def loop_with_backward(
             reference, _backward, static, n, valid is not None, structure(saved), structure(out)
         )
 
-    @partial(jax.custom_jvp, nondiff_argnums=(4,))
-    def _backward(arrays, valid, saved, cotangents, static):
-        return tuple(backward(*static, (*arrays, valid, saved), cotangents)[:n])
+    @partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+    def _backward(arrays, valid, saved, cotangents, static, needed):
+        grads = backward(*static, (*arrays, valid, saved), cotangents, needed)[:n]
+        # A gradient not needed may come back as None; a custom_jvp returns arrays (unused ones).
+        return tuple(
+            jnp.zeros_like(a) if g is None else g for g, a in zip(grads, arrays, strict=True)
+        )
 
     @_backward.defjvp
-    def _backward_jvp(static, primals, tangents):
+    def _backward_jvp(static, needed, primals, tangents):
         arrays, valid, saved, cotangents = primals
         d_arrays, _, _, d_cotangents = tangents
 
         def vjp(arrays, cotangents):
             ref = partial(reference, valid=valid, reverse=static[0])
-            return jax.vjp(lambda *a: ref(*a), *arrays)[1](cotangents)
+            grads = jax.vjp(lambda *a: ref(*a), *arrays)[1](cotangents)
+            return tuple(
+                g if want else jnp.zeros_like(g) for g, want in zip(grads, needed, strict=True)
+            )
 
-        out = _backward(arrays, valid, saved, cotangents, static)
+        out = _backward(arrays, valid, saved, cotangents, static, needed)
         _, d_out = jax.jvp(vjp, (arrays, cotangents), (d_arrays, d_cotangents))
         return out, tuple(d_out)
 

@@ -264,16 +264,25 @@ def after_the_loop(*arrays):
     return jax.lax.optimization_barrier(arrays)
 
 
-def _bwd(reverse, residuals, cotangents):
+def _dx_shape(x, needed: bool) -> tuple:
+    """The shape of the in-loop backward's dx result: x's, or (0,) when nothing needs dx (the C++
+    loop then skips its GEMM, dgates_t @ W_ih, every step)."""
+    return x.shape if needed else (0,)
+
+
+def _bwd(reverse, residuals, cotangents, needed):
     w_ih, w_hh, _, x, h0, c0, valid, (hs, cs, acts) = residuals
     dys, dh_n, dc_n = cotangents
     inputs = (x, w_ih, w_hh, acts, cs, hs, h0, c0, dys, dh_n, dc_n)
     if weights_in_loop(x, w_hh):
-        outs = tuple(like(a.shape, x) for a in (x, w_ih, w_hh, w_hh[:, 0], h0, c0))
+        outs = (
+            like(_dx_shape(x, needed[3]), x),
+            *(like(a.shape, x) for a in (w_ih, w_hh, w_hh[:, 0], h0, c0)),
+        )
         dx, dw_ih, dw_hh, dbias, dh0, dc0 = _call(
             "lstm_backward", outs, *inputs, valid=valid, reverse=reverse
         )
-        return dw_ih, dw_hh, dbias, dx, dh0, dc0, None
+        return dw_ih, dw_hh, dbias, dx if needed[3] else None, dh0, dc0, None
     outs = tuple(like(a.shape, x) for a in (acts, h0, c0))
     aliases = {3: 0} if OVERWRITE_SAVED_GATES else None  # inputs[3], acts, becomes dgates
     dgates, dh0, dc0 = _call(
@@ -313,16 +322,19 @@ def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save):
     return outputs(hs, valid, reverse), (hs, acts)
 
 
-def _gru_bwd(reverse, residuals, cotangents):
+def _gru_bwd(reverse, residuals, cotangents, needed):
     w_ih, w_hh, _, _, x, h0, valid, (hs, acts) = residuals
     dys, dh_n = cotangents
     inputs = (x, w_ih, w_hh, acts, hs, h0, dys, dh_n)
     if weights_in_loop(x, w_hh):
-        outs = tuple(like(a.shape, x) for a in (x, w_ih, w_hh, w_hh[:, 0], h0[0], h0))
+        outs = (
+            like(_dx_shape(x, needed[4]), x),
+            *(like(a.shape, x) for a in (w_ih, w_hh, w_hh[:, 0], h0[0], h0)),
+        )
         dx, dw_ih, dw_hh, dbias, db_hn, dh0 = _call(
             "gru_backward", outs, *inputs, valid=valid, reverse=reverse
         )
-        return dw_ih, dw_hh, dbias, db_hn, dx, dh0, None
+        return dw_ih, dw_hh, dbias, db_hn, dx if needed[4] else None, dh0, None
     gates = like((*x.shape[:2], w_hh.shape[0]), x)
     dxw, dhw, dh0 = _call(
         "gru_backward_gates",

@@ -256,7 +256,8 @@ def _lstm_forward(w_ih, w_hh, bias, x, h0, c0, valid, reverse, compiled, save):
     return (ys, h_n, c_n[:batch, :hidden]), (hs, *saved)
 
 
-def _lstm_bwd(reverse, compiled, residuals, cotangents):
+def _lstm_bwd(reverse, compiled, residuals, cotangents, needed):
+    del needed  # what is not needed is XLA's to drop (dead code)
     w_ih, w_hh, _, x, h0, c0, valid, (hs, acts, cs) = residuals
     dys, dh_n, dc_n = cotangents
     batch, hidden = h0.shape
@@ -360,7 +361,8 @@ def _gru_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, compiled, save):
     return outputs(hs[:, :batch, :hidden], valid, reverse), (hs, *saved)
 
 
-def _gru_bwd(reverse, compiled, residuals, cotangents):
+def _gru_bwd(reverse, compiled, residuals, cotangents, needed):
+    del needed  # what is not needed is XLA's to drop (dead code)
     w_ih, w_hh, _, _, x, h0, valid, (hs, acts) = residuals
     dys, dh_n = cotangents
     batch, hidden = h0.shape

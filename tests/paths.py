@@ -11,11 +11,11 @@ import jlstm
 LAYERS = {"lstm": (jlstm.lstm, jlstm.init_lstm), "gru": (jlstm.gru, jlstm.init_gru)}
 
 
-def _value_and_grads(kind, params, x, state, impl, **kw):
+def _value_and_grads(kind, params, x, state, impl, argnums=(0, 1, 2), **kw):
     def loss(params, x, state):
         return probe_loss(*LAYERS[kind][0](params, x, state, impl=impl, **kw))
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, x, state)
+    return jax.jit(jax.value_and_grad(loss, argnums=argnums))(params, x, state)
 
 
 def _problem(kind, length, batch, inp, hidden, dtype, layers=1, bidirectional=False, seed=0):
@@ -29,17 +29,18 @@ def _problem(kind, length, batch, inp, hidden, dtype, layers=1, bidirectional=Fa
     return params, x, state if kind == "lstm" else state[0]
 
 
-def assert_matches_the_scan_path(impl, kind, size, dtype, tol):
+def assert_matches_the_scan_path(impl, kind, size, dtype, tol, argnums=(0, 1, 2)):
     """``impl`` gives the ``lax.scan`` path's loss and gradients (parameters, input, initial
-    state) for a 2-layer bidirectional layer of ``size = (L, N, I, H)``, padded and packed."""
+    state; or, with ``argnums=0``, the parameters alone: a backward may then skip the input's) for
+    a 2-layer bidirectional layer of ``size = (L, N, I, H)``, padded and packed."""
     length, batch, inp, hidden = size
     params, x, state = _problem(
         kind, length, batch, inp, hidden, dtype, layers=2, bidirectional=True
     )
     lengths = jnp.arange(batch) % (length + 1)  # 0 (state passes through) up to full length
     for kw in ({}, {"seq_lengths": lengths}):
-        got = _value_and_grads(kind, params, x, state, impl, **kw)
-        want = _value_and_grads(kind, params, x, state, "fused", **kw)
+        got = _value_and_grads(kind, params, x, state, impl, argnums, **kw)
+        want = _value_and_grads(kind, params, x, state, "fused", argnums, **kw)
         assert_trees_close(got, want, rtol=tol, atol=tol)
 
 

@@ -21,7 +21,7 @@ from paths import (
     assert_forward_matches_the_scan_path,
     assert_matches_the_scan_path,
 )
-from trees import assert_trees_close
+from trees import assert_trees_close, probe_loss
 
 import jlstm
 from jlstm import native
@@ -123,6 +123,14 @@ def test_native_matches_the_scan_path(kind, size, dtype, tol, backward):
 
 @GRID
 @KINDS
+def test_native_weight_gradients_alone_match_the_scan_path(kind, size, dtype, tol):
+    """The weights' gradients without the input's, whose GEMM the in-loop backward then leaves out
+    (the default backward at these sizes, test_default_backward_by_batch)."""
+    assert_matches_the_scan_path("native", kind, size, dtype, tol, argnums=0)
+
+
+@GRID
+@KINDS
 def test_native_inference_matches_the_scan_path(kind, size, dtype, tol):
     assert_forward_matches_the_scan_path("native", kind, size, dtype, tol)
 
@@ -161,6 +169,28 @@ def test_a_bidirectional_layer_runs_its_directions_in_one_call(kind):
     uni_params, _, uni_state = _problem(kind, 6, 3, 4, 20, jnp.float32, layers=2)
     unidirectional = text(uni_params, uni_state)
     assert "pair" not in unidirectional and unidirectional.count(one) == 2
+
+
+@KINDS
+@pytest.mark.parametrize("backward", ["weights-in-loop"], indirect=True)
+def test_an_input_nothing_differentiates_gets_no_gradient(kind, backward):
+    """The gradient of the weights alone (the data a first layer reads is not differentiated, as in
+    a training program) leaves out the in-loop backward's dx GEMM: the first layer's backward calls
+    get an empty dx, the second layer's a full one (its input is the first layer's output), and
+    the weights' gradients are the same bits as when dx is formed too."""
+    layer = LAYERS[kind][0]
+    params, x, state = _problem(kind, 6, 3, 4, 20, jnp.float32, layers=2, bidirectional=True)
+    loss = lambda p, x: probe_loss(*layer(p, x, state))  # noqa: E731
+    weights, both = (jax.jit(jax.grad(loss, argnums=a)) for a in (0, (0, 1)))
+
+    def backward_calls(fn):
+        text = fn.lower(params, x).as_text()
+        return [line for line in text.splitlines() if f"@jlstm_{kind}_backward(" in line]
+
+    empty = "-> (tensor<0xf32>"  # the first result, dx
+    assert [empty in c for c in backward_calls(weights)] == [False, False, True, True]
+    assert not any(empty in c for c in backward_calls(both))
+    assert_trees_close(weights(params, x), both(params, x)[0], rtol=0, atol=0)
 
 
 @KINDS

@@ -39,6 +39,8 @@ def _grad_of_grad(f):
 TRANSFORMATIONS = {
     "jit": lambda f: jax.jit(f),
     "grad": lambda f: jax.grad(f, argnums=(0, 1)),
+    "grad_of_weights": lambda f: jax.grad(f),  # the input's gradient is not needed
+    "hessian_of_weights": lambda f: jax.hessian(f),
     "grad_of_grad": _grad_of_grad,
     "jvp": lambda f: lambda p, x: jax.jvp(f, (p, x), (p, jnp.cos(x))),
     "jacfwd": lambda f: jax.jacfwd(f, argnums=1),

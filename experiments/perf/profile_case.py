@@ -6,9 +6,11 @@ for a sampling profiler to attach to:
         .venv/bin/python -m experiments.perf.profile_case wide train 20
     perf report -i /tmp/wide.data --no-children --sort symbol --percent-limit 1 --stdio
 
-``impl`` (fourth argument, default ``auto``) picks the path; the step is compiled and run once
-before the timed loop, whose wall time per step is printed with the case's GEMM throughput.
-Only jlstm and JAX run in this process (no torch), so the profile holds nothing else.
+Modes: ``fwd``, ``train`` (gradients for the weights and the input, as ``make bench``) and
+``train-weights`` (for the weights only: the input is data, as in a training program). ``impl``
+(fourth argument, default ``auto``) picks the path; the step is compiled and run once before the
+timed loop, whose wall time per step is printed, with the case's GEMM throughput for ``fwd`` and
+``train``. Only jlstm and JAX run in this process (no torch), so the profile holds nothing else.
 """
 
 import sys
@@ -29,14 +31,17 @@ def main(name: str, mode: str, steps: int, impl: str = "auto") -> None:
     def loss(p, x):
         return jnp.sum(layer(p, x, impl=impl)[0])
 
-    step = jax.jit(jax.grad(loss, argnums=(0, 1)) if mode == "train" else loss)
+    modes = {"fwd": loss, "train": jax.grad(loss, argnums=(0, 1)), "train-weights": jax.grad(loss)}
+    if mode not in modes:
+        raise SystemExit(f"unknown mode {mode!r}; choose from {list(modes)}")
+    step = jax.jit(modes[mode])
     jax.block_until_ready(step(params, x))
     start = time.perf_counter()
     for _ in range(steps):
         jax.block_until_ready(step(params, x))
     seconds = (time.perf_counter() - start) / steps
-    rate = flops(case, mode) / seconds / 1e9
-    print(f"{name} {mode} impl={impl}: {seconds * 1e3:.2f} ms per step, {rate:.0f} GFLOP/s")
+    rate = f", {flops(case, mode) / seconds / 1e9:.0f} GFLOP/s" if mode != "train-weights" else ""
+    print(f"{name} {mode} impl={impl}: {seconds * 1e3:.2f} ms per step{rate}")
 
 
 if __name__ == "__main__":

@@ -588,8 +588,8 @@ struct StepGroups {
 
 // Pointers into XLA's buffers, null where a call has no such buffer. Shapes: x (L, N, I); w_ih
 // (4H, I), dw_ih (4H, I); w_hh, dw_hh (4H, H); bias, db (4H); h0, c0, c_n, dh_n, dc_n, dh0, dc0
-// (N, H); hs, cs, dys (L, N, H); dx (L, N, I); acts (L, N, 4H); valid (L, N) bytes when
-// masked.
+// (N, H); hs, cs, dys (L, N, H); dx (L, N, I) or null (not needed); acts (L, N, 4H); valid (L,
+// N) bytes when masked.
 template <typename T>
 struct Buffers {
   const T *x, *w_ih, *w_hh, *bias, *h0, *c0;
@@ -698,10 +698,11 @@ void lstm_forward_member(const Sizes& z, const Buffers<T>& io, int k, int thread
 // units (dgates_t @ W_hh[:, own]). Then one of two ways to the rest:
 // - weights in the loop (io.dw_ih given): thread k also owns the rows of its units' gates in the
 //   weight gradients and adds each step into them (dgates[:, own]^T [x_t, h_{t-1}]), and forms
-//   its block of dx_t's columns (dgates_t @ W_ih[:, block]); no (L, N, 4H) buffer of gate
-//   gradients is written, a few step buffers take turns. Pays while a thread's rows of the weight
-//   gradients stay in its core's cache (jlstm.native chooses). A small batch adds a group of steps
-//   at once (accumulation_group): each pass over the rows then does more multiply-adds per entry.
+//   its block of dx_t's columns (dgates_t @ W_ih[:, block]; not if io.dx is null, an input that
+//   nothing differentiates); no (L, N, 4H) buffer of gate gradients is written, a few step buffers
+//   take turns. Pays while a thread's rows of the weight gradients stay in its core's cache
+//   (jlstm.native chooses). A small batch adds a group of steps at once (accumulation_group):
+//   each pass over the rows then does more multiply-adds per entry.
 // - gate gradients out (io.dgates given): every step's gate gradients go to io.dgates, and XLA
 //   forms dW, db and dx as whole-sequence GEMMs on every core (large layers). io.dgates may be
 //   io.acts itself (jlstm.native aliases them): each thread writes a step's gate gradients of its
@@ -725,7 +726,7 @@ void lstm_backward(ffi::ThreadPool& pool, const Sizes& z, const Buffers<T>& io) 
     int64_t u0, u1, x0, x1;
     unit_range(H, k, threads, u0, u1);
     unit_range(I, k, threads, x0, x1);  // this thread's block of dx's columns
-    const int64_t nu = u1 - u0, nx = in_loop ? x1 - x0 : 0;
+    const int64_t nu = u1 - u0, nx = in_loop && io.dx ? x1 - x0 : 0;  // no dx: no columns
     const PackedB<T> w_hh_own(G, nu, G, [&](int64_t r, int64_t j) { return io.w_hh[r * H + u0 + j]; });
     const PackedB<T> w_ih_own(G, nx, G, [&](int64_t r, int64_t j) { return io.w_ih[r * I + x0 + j]; });
     // dh, dc of this thread's units; the GEMM's dh_{t-1}; [x_t, h_{t-1}] zero-padded to KP columns;
@@ -955,7 +956,7 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
     int64_t u0, u1, x0, x1;
     unit_range(H, k, threads, u0, u1);
     unit_range(I, k, threads, x0, x1);
-    const int64_t nu = u1 - u0, nx = in_loop ? x1 - x0 : 0;
+    const int64_t nu = u1 - u0, nx = in_loop && io.dx ? x1 - x0 : 0;  // no dx: no columns
     const PackedB<T> w_hh_own(G, nu, G, [&](int64_t r, int64_t j) { return io.w_hh[r * H + u0 + j]; });
     const PackedB<T> w_ih_own(G, nx, G, [&](int64_t r, int64_t j) { return io.w_ih[r * I + x0 + j]; });
     // dh of this thread's units, the GEMM's part of dh_{t-1} and the direct part (dh_total * z);
@@ -1060,6 +1061,13 @@ T* out(ffi::Result<ffi::AnyBuffer>& b) {
   return b->typed_data<T>();
 }
 
+// A result that may be left out: jlstm.native gives it no elements when nothing needs it (the
+// in-loop backward's dx where the input is not differentiated); null then.
+template <typename T>
+T* optional_out(ffi::Result<ffi::AnyBuffer>& b) {
+  return b->element_count() > 0 ? out<T>(b) : nullptr;
+}
+
 // Runs run.template operator()<T>() for T the float type of `dtype`.
 template <typename Run>
 ffi::Error by_dtype(ffi::DataType dtype, Run run) {
@@ -1157,7 +1165,7 @@ ffi::Error LstmBackwardImpl(JLSTM_BACKWARD_PARAMS, ffi::Result<ffi::AnyBuffer> d
                             ffi::Result<ffi::AnyBuffer> dc0) {
   return by_dtype(x.element_type(), [&]<typename T>() {
     Buffers<T> io = backward_inputs<T>(x, w_ih, w_hh, acts, cs, hs, h0, c0, dys, dh_n, dc_n, valid);
-    io.dx = out<T>(dx), io.dw_ih = out<T>(dw_ih), io.dw_hh = out<T>(dw_hh), io.db = out<T>(db);
+    io.dx = optional_out<T>(dx), io.dw_ih = out<T>(dw_ih), io.dw_hh = out<T>(dw_hh), io.db = out<T>(db);
     io.dh0 = out<T>(dh0), io.dc0 = out<T>(dc0);
     lstm_backward<T>(pool, sizes_of(x, h0, reverse, masked), io);
   });
@@ -1243,7 +1251,7 @@ ffi::Error GruBackwardImpl(JLSTM_GRU_BACKWARD_PARAMS, ffi::Result<ffi::AnyBuffer
                            ffi::Result<ffi::AnyBuffer> dh0) {
   return by_dtype(x.element_type(), [&]<typename T>() {
     GruBuffers<T> io = gru_backward_inputs<T>(x, w_ih, w_hh, acts, hs, h0, dys, dh_n, valid);
-    io.dx = out<T>(dx), io.dw_ih = out<T>(dw_ih), io.dw_hh = out<T>(dw_hh), io.db = out<T>(db);
+    io.dx = optional_out<T>(dx), io.dw_ih = out<T>(dw_ih), io.dw_hh = out<T>(dw_hh), io.db = out<T>(db);
     io.db_hn = out<T>(db_hn), io.dh0 = out<T>(dh0);
     gru_backward<T>(pool, sizes_of(x, h0, reverse, masked), io);
   });
