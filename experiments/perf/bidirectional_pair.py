@@ -7,15 +7,13 @@ per call of each and their ratio.
 """
 
 import dataclasses
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 from experiments.bench.cases import CASES
-from experiments.perf.common import layer_and_init, problem
+from experiments.perf.common import alternate_calls, layer_and_init, problem
 from jlstm import backends
 
 
@@ -41,13 +39,7 @@ def main(names: str = "medium,gru", rounds: int = 20) -> None:
             "one call": compiled(CASES[name], True),
             "a call each": compiled(CASES[name], False),
         }
-        times = {k: [] for k in runs}
-        for r in range(rounds):
-            for k in list(runs) if r % 2 == 0 else list(runs)[::-1]:
-                start = time.perf_counter()
-                runs[k]()
-                times[k].append(time.perf_counter() - start)
-        med = {k: statistics.median(t) * 1e3 for k, t in times.items()}
+        med = alternate_calls(runs, rounds)
         print(
             f"{name} fwd: both directions in one call {med['one call']:.2f} ms, a call per "
             f"direction {med['a call each']:.2f} ms, ratio {med['one call'] / med['a call each']:.3f}"

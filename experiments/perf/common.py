@@ -108,3 +108,16 @@ def alternate(module: str, settings: dict[str, tuple[list[str], dict]], rounds: 
             )
             figures[name].append(float(done.stdout.split()[-1]))
     return figures
+
+
+def alternate_calls(runs: dict, rounds: int) -> dict:
+    """``runs``: name -> zero-argument callable that waits for its result. Calls each once per
+    round, the order reversing from round to round, so that a machine whose speed drifts treats
+    all alike; returns name -> median milliseconds per call."""
+    times = {k: [] for k in runs}
+    for r in range(rounds):
+        for k in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            start = time.perf_counter()
+            runs[k]()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(t) * 1e3 for k, t in times.items()}
