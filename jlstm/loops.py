@@ -229,9 +229,8 @@ class _Spec:
     """What ``lin_p`` needs besides its operands (a hashable primitive parameter)."""
 
     reference: Callable
-    backward: (
-        Callable  # the custom_jvp-wrapped backward: (arrays, valid, saved, cts, static, needed)
-    )
+    # The custom_jvp-wrapped backward: (arrays, valid, saved, cts, static, needed).
+    backward: Callable
     static: tuple
     num_arrays: int
     masked: bool
