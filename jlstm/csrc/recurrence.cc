@@ -1061,8 +1061,9 @@ T* out(ffi::Result<ffi::AnyBuffer>& b) {
   return b->typed_data<T>();
 }
 
-// A result that may be left out: jlstm.native gives it no elements when nothing needs it (the
-// in-loop backward's dx where the input is not differentiated); null then.
+// A result that may be left out: jlstm.native gives it no elements when nothing needs it (a GRU
+// forward's acts at inference, the in-loop backward's dx where the input is not differentiated);
+// null then.
 template <typename T>
 T* optional_out(ffi::Result<ffi::AnyBuffer>& b) {
   return b->element_count() > 0 ? out<T>(b) : nullptr;
@@ -1202,7 +1203,7 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
                           ffi::Result<ffi::AnyBuffer> acts) {
   return by_dtype(x.element_type(), [&]<typename T>() {
     GruBuffers<T> io = gru_forward_buffers<T>(x, w_ih, w_hh, bias, b_hn, h0, valid, hs);
-    io.acts = acts->element_count() ? out<T>(acts) : nullptr;
+    io.acts = optional_out<T>(acts);
     const Sizes z = sizes_of(x, h0, reverse, masked);
     gru_forward<T>(pool, 1, &z, &io);
   });
