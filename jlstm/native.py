@@ -8,7 +8,8 @@ JAX's FFI headers (nothing else), caches the library under ``$JLSTM_CACHE`` (def
 ``~/.cache/jlstm``), registers it with XLA, and wraps it as :func:`lstm_recurrence` and
 :func:`gru_recurrence`, the same functions as in :mod:`jlstm.fused`, each with a hand-written
 backward: the C++ backward loop, which also sums the weight gradients while they fit
-(:data:`WEIGHTS_IN_LOOP_BYTES`), else hands the gate gradients to whole-sequence XLA GEMMs; and
+(:data:`WEIGHTS_IN_LOOP_BYTES`), else hands the gate gradients to whole-sequence GEMMs (OpenBLAS's,
+run by the C++ team, :data:`BLAS_GEMMS`, or XLA's); and
 as :func:`lstm_bidirectional` and :func:`gru_bidirectional`, both directions of a bidirectional
 layer in one call, side by side, at inference.
 
@@ -63,6 +64,7 @@ TARGETS = (
     "gru_inference_pair",
     "gru_backward",
     "gru_backward_gates",
+    "sequence_grads",
 )
 
 
@@ -121,12 +123,40 @@ def build(verbose: bool = False) -> Path:
 
 
 @functools.cache
-def _load() -> None:
+def _load() -> ctypes.CDLL:
     library = ctypes.CDLL(str(build()))
     for name in TARGETS:
         symbol = "Jlstm" + name.title().replace("_", "")
         target = jax.ffi.pycapsule(getattr(library, symbol))
         jax.ffi.register_ffi_target(f"jlstm_{name}", target, platform="cpu")
+    return library
+
+
+@functools.cache
+def blas_unavailable_reason() -> str | None:
+    """None if the backward's whole-sequence GEMMs can go to OpenBLAS (see :data:`BLAS_GEMMS`),
+    else why not. The BLAS is the ``scipy-openblas32`` wheel (a dependency on Linux x86-64), the
+    OpenBLAS build NumPy and SciPy are built against, under its own symbol names; it is set to one
+    thread (the C++ team splits the work and calls it from each member), which affects nobody else
+    in the process unless they load that same wheel.
+
+    >>> blas_unavailable_reason() is None or isinstance(blas_unavailable_reason(), str)
+    True
+    """
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return "scipy-openblas32 is not installed (pip install scipy-openblas32)"
+    path = Path(scipy_openblas32.get_lib_dir()) / scipy_openblas32.get_library(fullname=True)
+    try:
+        blas = ctypes.CDLL(str(path))
+        sgemm, dgemm = blas.scipy_cblas_sgemm, blas.scipy_cblas_dgemm
+        blas.scipy_openblas_set_num_threads(1)
+    except (OSError, AttributeError) as e:
+        return f"cannot use {path}: {e}"
+    address = lambda f: ctypes.cast(f, ctypes.c_void_p)  # noqa: E731
+    _load().JlstmUseBlas(address(sgemm), address(dgemm))
+    return None
 
 
 @functools.cache
@@ -233,6 +263,16 @@ _FLAGS = set(_cpu_id().split())
 TRANSPOSE_FIRST = "avx2" in _FLAGS and "avx512f" not in _FLAGS
 
 
+# A backward that hands its gate gradients out (past WEIGHTS_IN_LOOP_BYTES) forms dW_ih, dW_hh and
+# dx with OpenBLAS's GEMMs, called by the C++ team on shares of the output (csrc/recurrence.cc,
+# sequence_grads), rather than with XLA's dots, where OpenBLAS loads (blas_unavailable_reason). On a
+# 2-core AMD EPYC (Zen 3, AVX2), 2026-12-03, the wide case's three GEMMs ran at 111-126 GFLOP/s in
+# XLA against 142-151 in OpenBLAS, called side by side (BENCHMARKS.md); on the 2-core Xeon of
+# BENCHMARKS.md, OpenBLAS (NumPy's) ran them at 298-380 against XLA's 293-344. It also reads
+# h_{t-1} and the transposes in place instead of copying them. False: XLA's dots, as before.
+BLAS_GEMMS = True
+
+
 def _threads() -> int:
     env = os.environ.get("JLSTM_NATIVE_THREADS", "")
     return int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
@@ -270,6 +310,24 @@ def _dx_shape(x, needed: bool) -> tuple:
     return x.shape if needed else (0,)
 
 
+def _blas_gemms(x, w_hh) -> bool:
+    """Whether a gates-out backward's whole-sequence GEMMs go to OpenBLAS (:data:`BLAS_GEMMS`):
+    where it loads and the sizes fit its 32-bit integers."""
+    rows, largest = x.shape[0] * x.shape[1], max(x.shape[-1], *w_hh.shape)
+    return BLAS_GEMMS and rows * largest < 2**31 and blas_unavailable_reason() is None
+
+
+def _sequence_grads(d_in, d_h, x, hs, h0, w_ih, reverse, needed_dx):
+    """``(dW_ih, dW_hh, dx)`` from every step's gate gradients through W_ih (``d_in``) and W_hh
+    (``d_h``), by the C++ team's OpenBLAS calls; dx None when not ``needed_dx``."""
+    outs = (like(w_ih.shape, x), like((w_ih.shape[0], h0.shape[-1]), x))
+    outs += (like(_dx_shape(x, needed_dx), x),)
+    dw_ih, dw_hh, dx = jax.ffi.ffi_call("jlstm_sequence_grads", outs, vmap_method="sequential")(
+        d_in, d_h, x, hs, h0, w_ih, reverse=np.int64(reverse)
+    )
+    return dw_ih, dw_hh, dx if needed_dx else None
+
+
 def _bwd(reverse, residuals, cotangents, needed):
     w_ih, w_hh, _, x, h0, c0, valid, (hs, cs, acts) = residuals
     dys, dh_n, dc_n = cotangents
@@ -288,8 +346,12 @@ def _bwd(reverse, residuals, cotangents, needed):
     dgates, dh0, dc0 = _call(
         "lstm_backward_gates", outs, *inputs, valid=valid, reverse=reverse, aliases=aliases
     )
+    dbias = jnp.sum(dgates, axis=(0, 1))
+    if _blas_gemms(x, w_hh):
+        dw_ih, dw_hh, dx = _sequence_grads(dgates, dgates, x, hs, h0, w_ih, reverse, needed[3])
+        return dw_ih, dw_hh, dbias, dx, dh0, dc0, None
     x, hs, dgates = after_the_loop(x, hs, dgates)
-    dw_ih, dbias, dx = input_grads(dgates, x, w_ih, TRANSPOSE_FIRST)
+    dw_ih, _, dx = input_grads(dgates, x, w_ih, TRANSPOSE_FIRST)
     hs_prev = previous(hs, h0, reverse)
     return dw_ih, weight_grad(dgates, hs_prev, TRANSPOSE_FIRST), dbias, dx, dh0, dc0, None
 
@@ -343,9 +405,12 @@ def _gru_bwd(reverse, residuals, cotangents, needed):
         valid=valid,
         reverse=reverse,
     )
+    dbias, db_hn = jnp.sum(dxw, axis=(0, 1)), jnp.sum(dhw[..., 2 * h0.shape[-1] :], axis=(0, 1))
+    if _blas_gemms(x, w_hh):
+        dw_ih, dw_hh, dx = _sequence_grads(dxw, dhw, x, hs, h0, w_ih, reverse, needed[4])
+        return dw_ih, dw_hh, dbias, db_hn, dx, dh0, None
     x, hs, dxw, dhw = after_the_loop(x, hs, dxw, dhw)
-    dw_ih, dbias, dx = input_grads(dxw, x, w_ih, TRANSPOSE_FIRST)
-    db_hn = jnp.sum(dhw[..., 2 * h0.shape[-1] :], axis=(0, 1))
+    dw_ih, _, dx = input_grads(dxw, x, w_ih, TRANSPOSE_FIRST)
     dw_hh = weight_grad(dhw, previous(hs, h0, reverse), TRANSPOSE_FIRST)
     return dw_ih, dw_hh, dbias, db_hn, dx, dh0, None
 

@@ -74,15 +74,17 @@ def GRID(test):  # noqa: N802 (a decorator)
     return pytest.mark.parametrize("size", SIZES, ids=ids)(test)
 
 
-@pytest.fixture(params=["weights-in-loop", "gates-out", "gates-out-transposed"])
+@pytest.fixture(params=["weights-in-loop", "gates-out-blas", "gates-out", "gates-out-transposed"])
 def backward(request, monkeypatch):
     """Both ways the backward kernel can end: weight gradients summed in the loop, or every step's
-    gate gradients handed to XLA (jlstm.native.weights_in_loop chooses by size and batch), whose
-    weight-gradient GEMMs take either form (jlstm.native.TRANSPOSE_FIRST chooses by CPU)."""
+    gate gradients handed out (jlstm.native.weights_in_loop chooses by size and batch) to OpenBLAS
+    (jlstm.native.BLAS_GEMMS, the default) or to XLA's dots, whose weight-gradient GEMMs take
+    either form (jlstm.native.TRANSPOSE_FIRST chooses by CPU)."""
     in_loop = request.param == "weights-in-loop"
     monkeypatch.setattr(
         native, "WEIGHTS_IN_LOOP_BYTES", native.WEIGHTS_IN_LOOP_BYTES if in_loop else 0
     )
+    monkeypatch.setattr(native, "BLAS_GEMMS", request.param == "gates-out-blas")
     monkeypatch.setattr(native, "TRANSPOSE_FIRST", request.param == "gates-out-transposed")
     jax.clear_caches()  # the layer stack is jitted: retrace with the setting
     yield request.param
@@ -95,6 +97,7 @@ def test_each_backward_is_taken(kind, backward):
     loss = lambda p: jnp.sum(LAYERS[kind][0](p, x, state)[0])  # noqa: E731
     text = jax.jit(jax.grad(loss)).lower(params).as_text()
     assert (f"jlstm_{kind}_backward_gates" in text) == (backward != "weights-in-loop")
+    assert ("jlstm_sequence_grads" in text) == (backward == "gates-out-blas")
     assert f"jlstm_{kind}_backward" in text
 
 
@@ -111,6 +114,7 @@ def test_default_backward_by_batch(kind, batch, hidden, monkeypatch):
     loss = lambda p: jnp.sum(LAYERS[kind][0](p, x, state)[0])  # noqa: E731
     text = jax.jit(jax.grad(loss)).lower(params).as_text()
     assert (f"jlstm_{kind}_backward_gates" in text) == (hidden == 1024)
+    assert ("jlstm_sequence_grads" in text) == (hidden == 1024)  # OpenBLAS's GEMMs by default
     assert f"jlstm_{kind}_backward" in text
     jax.clear_caches()
 
@@ -207,8 +211,10 @@ def test_vmap_over_independent_problems(kind):
 def test_gates_out_holds_xla_work_until_the_loop_ends(kind, monkeypatch):
     """Gates out, the whole-sequence work after the backward loop (x's and h's transposes, the
     weight GEMMs) reads x through an optimization barrier with the loop's gate gradients, so XLA
-    cannot start it beside the loop and take a thread the loop's team waits for."""
+    cannot start it beside the loop and take a thread the loop's team waits for. (With OpenBLAS's
+    GEMMs, the default, that work is the C++ team's, after the loop.)"""
     monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_BYTES", 0)
+    monkeypatch.setattr(native, "BLAS_GEMMS", False)
     jax.clear_caches()
     params, x, state = _problem(kind, 3, 2, 4, 5, jnp.float32)
     loss = lambda p: jnp.sum(LAYERS[kind][0](p, x, state)[0])  # noqa: E731

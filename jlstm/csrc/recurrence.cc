@@ -1049,6 +1049,83 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
 }
 
 // ------------------------------------------------------------------------------------------------
+// The backward's whole-sequence GEMMs through a BLAS, for a backward that hands its gate gradients
+// out (too large to sum the weight gradients in the loop):
+//
+//   dW_ih = sum_t dx_t^T x_t,  dW_hh = sum_t dh_t^T h_{t-1},  dx = dx_t @ W_ih,
+//
+// with dx_t = dh_t the LSTM's gate gradients (the GRU's differ by the reset gate). jlstm.native
+// hands in OpenBLAS's cblas_sgemm and cblas_dgemm (the scipy-openblas32 wheel, set to one thread)
+// through JlstmUseBlas; the team splits the output rows and each member calls the BLAS on its
+// share, so no BLAS thread pool runs beside XLA's (OpenBLAS's own spin a tenth of a second after
+// each call). h_{t-1} is read in place: the steps after the first processed pair with hs shifted by
+// one step, the first with h0. On a 2-core AMD EPYC (Zen 3) XLA's dots ran these shapes of the wide
+// case at 111-126 GFLOP/s against OpenBLAS's 142-151 (BENCHMARKS.md).
+
+// cblas_?gemm with 32-bit integers: order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta,
+// c, ldc.
+template <typename T>
+using BlasGemm = void (*)(int, int, int, int, int, int, T, const T*, int, const T*, int, T, T*,
+                          int);
+std::atomic<BlasGemm<float>> blas_sgemm{nullptr};
+std::atomic<BlasGemm<double>> blas_dgemm{nullptr};
+
+template <typename T>
+BlasGemm<T> blas_gemm() {
+  if constexpr (std::is_same_v<T, float>)
+    return blas_sgemm.load(std::memory_order_acquire);
+  else
+    return blas_dgemm.load(std::memory_order_acquire);
+}
+
+// C (m x n) = op(A) @ B, plus C if `accumulate`; op(A) = A^T (A is k x m) if `transpose_a`.
+template <typename T>
+void blas_multiply(bool transpose_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
+                   const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  if (m <= 0 || n <= 0) return;
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  blas_gemm<T>()(kRowMajor, transpose_a ? kTrans : kNoTrans, kNoTrans, int(m), int(n), int(k),
+                 T(1), a, int(lda), b, int(ldb), accumulate ? T(1) : T(0), c, int(ldc));
+}
+
+template <typename T>
+struct SequenceGrads {
+  const T *d_in, *d_h, *x, *hs, *h0, *w_ih;
+  T *dw_ih, *dw_hh, *dx;  // dx: null when nothing needs it
+};
+
+template <typename T>
+void sequence_grads(ffi::ThreadPool& pool, int64_t L, int64_t N, int64_t I, int64_t H, int64_t G,
+                    bool reverse, const SequenceGrads<T>& io) {
+  const int64_t rows = L * N, later = rows - N;  // steps after the first processed, as rows
+  const double flops = 2.0 * rows * G * (I + H) + (io.dx ? 2.0 * rows * G * I : 0.0);
+  // The first step processed (whose h_{t-1} is h0) and the rows of dh and hs the others pair.
+  const T* dh_first = io.d_h + (reverse ? later * G : 0);
+  const T* dh_later = io.d_h + (reverse ? 0 : N * G);
+  const T* hs_prev = io.hs + (reverse ? N * H : 0);
+  // The outputs' rows in as many shares as the team may have members, whoever joins taking them in
+  // turn: a BLAS's sums can depend on how many rows a call has, and a share's rows must not depend
+  // on how many helpers joined, so that a call gives the same bits every time.
+  const int shares = max_threads();
+  run_team(pool, shares, flops, [&](int k, int n) {
+    for (int s = k; s < shares; s += n) {
+      const int64_t g0 = G * s / shares, g1 = G * (s + 1) / shares;  // rows of dW_ih, dW_hh
+      blas_multiply(true, g1 - g0, I, rows, io.d_in + g0, G, io.x, I, io.dw_ih + g0 * I, I,
+                    false);
+      blas_multiply(true, g1 - g0, H, N, dh_first + g0, G, io.h0, H, io.dw_hh + g0 * H, H, false);
+      if (later > 0)
+        blas_multiply(true, g1 - g0, H, later, dh_later + g0, G, hs_prev, H, io.dw_hh + g0 * H,
+                      H, true);
+      if (io.dx != nullptr) {
+        const int64_t r0 = rows * s / shares, r1 = rows * (s + 1) / shares;
+        blas_multiply(false, r1 - r0, I, G, io.d_in + r0 * G, G, io.w_ih, I, io.dx + r0 * I, I,
+                      false);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
 // FFI handlers: decode, dispatch on the dtype, run.
 
 template <typename T>
@@ -1268,7 +1345,35 @@ ffi::Error GruBackwardGatesImpl(JLSTM_GRU_BACKWARD_PARAMS, ffi::Result<ffi::AnyB
   });
 }
 
+// Results dW_ih, dW_hh and dx (no elements: not needed) from d_in, d_h (L, N, G), x (L, N, I),
+// hs (L, N, H), h0 (N, H) and W_ih (G, I).
+ffi::Error SequenceGradsImpl(ffi::ThreadPool pool, ffi::AnyBuffer d_in, ffi::AnyBuffer d_h,
+                             ffi::AnyBuffer x, ffi::AnyBuffer hs, ffi::AnyBuffer h0,
+                             ffi::AnyBuffer w_ih, int64_t reverse,
+                             ffi::Result<ffi::AnyBuffer> dw_ih, ffi::Result<ffi::AnyBuffer> dw_hh,
+                             ffi::Result<ffi::AnyBuffer> dx) {
+  if (blas_sgemm.load() == nullptr || blas_dgemm.load() == nullptr)
+    return ffi::Error::Internal("jlstm native: no BLAS was handed in (jlstm.native loads it)");
+  const auto xd = x.dimensions(), gd = d_in.dimensions();
+  const int64_t L = xd[0], N = xd[1], I = xd[2], H = h0.dimensions()[1], G = gd[2];
+  if (L * N * std::max({G, I, H}) >= (int64_t(1) << 31))
+    return ffi::Error::InvalidArgument("jlstm native: sequence too large for a 32-bit BLAS");
+  return by_dtype(x.element_type(), [&]<typename T>() {
+    const SequenceGrads<T> io{in<T>(d_in),     in<T>(d_h),     in<T>(x),
+                              in<T>(hs),       in<T>(h0),      in<T>(w_ih),
+                              out<T>(dw_ih),   out<T>(dw_hh),  optional_out<T>(dx)};
+    sequence_grads<T>(pool, L, N, I, H, G, reverse != 0, io);
+  });
+}
+
 }  // namespace
+
+// Hands the C++ loops a BLAS for the backward's whole-sequence GEMMs: cblas_sgemm and cblas_dgemm
+// with 32-bit integers, set to run on the calling thread (jlstm.native, at load).
+extern "C" __attribute__((visibility("default"))) void JlstmUseBlas(void* sgemm, void* dgemm) {
+  blas_sgemm.store(reinterpret_cast<BlasGemm<float>>(sgemm), std::memory_order_release);
+  blas_dgemm.store(reinterpret_cast<BlasGemm<double>>(dgemm), std::memory_order_release);
+}
 
 #define JLSTM_FORWARD_ARGS                      \
   ffi::Ffi::Bind()                              \
@@ -1410,3 +1515,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmGruBackwardGates, GruBackwardGatesImpl,
                                   .Ret<ffi::AnyBuffer>()    // dxw
                                   .Ret<ffi::AnyBuffer>()    // dhw
                                   .Ret<ffi::AnyBuffer>());  // dh0
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JlstmSequenceGrads, SequenceGradsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // d_in: gate gradients through W_ih
+                                  .Arg<ffi::AnyBuffer>()  // d_h: gate gradients through W_hh
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // hs
+                                  .Arg<ffi::AnyBuffer>()  // h0
+                                  .Arg<ffi::AnyBuffer>()  // w_ih
+                                  .Attr<int64_t>("reverse")
+                                  .Ret<ffi::AnyBuffer>()    // dW_ih
+                                  .Ret<ffi::AnyBuffer>()    // dW_hh
+                                  .Ret<ffi::AnyBuffer>());  // dx, or no elements
