@@ -1,10 +1,16 @@
 """Backs ``jlstm.native.BLAS_GEMMS``: ``python -m experiments.perf.sequence_gemms [CASES] [ROUNDS]``.
-In one process, each case's train step (gradients of ``sum(output * cot)`` for the weights and the
-input, as ``make bench``'s train) compiled twice, its whole-sequence backward GEMMs by OpenBLAS in
-the C++ team (the default) and by XLA's dots, checked to agree, and called alternately
-(experiments.perf.common.alternate_calls); prints the median time per call of each and their ratio.
-Only a backward that hands its gate gradients out (past ``WEIGHTS_IN_LOOP_BYTES``: wide, or any case
-with ``--gates-out``, which sets that limit to 0) has these GEMMs.
+In one process, for each case:
+
+- **the GEMMs**: dW_ih, dW_hh and dx of one direction from random gate gradients, as the C++ team's
+  OpenBLAS calls (``jlstm.native``'s ``jlstm_sequence_grads``) and in XLA's form (the transposes,
+  h_{t-1} and the dots of ``jlstm.loops``), each jitted alone, checked to agree, called alternately;
+- **the train step**: gradients of ``sum(output * cot)`` for the weights and the input (as ``make
+  bench``'s train), compiled with either, checked to agree, called alternately.
+
+Prints the median time per call of each (the GEMMs also in GFLOP/s) and their ratio
+(experiments.perf.common.alternate_calls). Only a backward that hands its gate gradients out (past
+``WEIGHTS_IN_LOOP_BYTES``: wide, or any case with ``--gates-out``, which sets that limit to 0) has
+these GEMMs.
 """
 
 import argparse
@@ -15,7 +21,48 @@ import numpy as np
 
 from experiments.bench.cases import CASES
 from experiments.perf.common import alternate_calls, layer_and_init, problem
-from jlstm import native
+from jlstm import loops, native
+
+
+def _agree(got, want, what: str) -> None:
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        scale = float(np.max(np.abs(b))) or 1.0
+        assert float(np.max(np.abs(np.asarray(a) - b))) <= 1e-4 * scale, what
+
+
+def gemms(case, rounds: int) -> str:
+    """The three GEMMs alone on the case's first layer's shapes, OpenBLAS against XLA."""
+    length, batch, inp, hidden = case.seq_len, case.batch, case.input_size, case.hidden_size
+    gates = 4 * hidden if case.cell == "lstm" else 3 * hidden
+    keys = jax.random.split(jax.random.key(0), 5)
+    dg = jax.random.normal(keys[0], (length, batch, gates))
+    x = jax.random.normal(keys[1], (length, batch, inp))
+    hs = jax.random.normal(keys[2], (length, batch, hidden))
+    h0 = jax.random.normal(keys[3], (batch, hidden))
+    w_ih = jax.random.normal(keys[4], (gates, inp))
+    first = native.TRANSPOSE_FIRST
+
+    def xla(dg, x, hs, h0, w_ih):
+        dw_ih, _, dx = loops.input_grads(dg, x, w_ih, first)
+        return dw_ih, loops.weight_grad(dg, loops.previous(hs, h0, False), first), dx
+
+    blas = jax.jit(lambda *a: native._sequence_grads(a[0], *a, False, True))
+    xla = jax.jit(xla)
+    args = (dg, x, hs, h0, w_ih)
+    _agree(blas(*args), xla(*args), "GEMMs")
+    med = alternate_calls(
+        {
+            "OpenBLAS": lambda: jax.block_until_ready(blas(*args)),
+            "XLA": lambda: jax.block_until_ready(xla(*args)),
+        },
+        rounds,
+    )
+    flops = 2 * length * batch * gates * (2 * inp + hidden)
+    rate = {k: flops / (v * 1e-3) / 1e9 for k, v in med.items()}
+    return (
+        f"GEMMs: OpenBLAS {med['OpenBLAS']:.1f} ms ({rate['OpenBLAS']:.0f} GFLOP/s), XLA "
+        f"{med['XLA']:.1f} ms ({rate['XLA']:.0f} GFLOP/s), ratio {med['OpenBLAS'] / med['XLA']:.3f}"
+    )
 
 
 def compiled(case, blas: bool):
@@ -46,11 +93,9 @@ def main() -> None:
         native.WEIGHTS_IN_LOOP_BYTES = 0
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     for name in args.cases.split(","):
+        print(f"{name} {gemms(CASES[name], args.rounds)}", flush=True)
         runs = {"OpenBLAS": compiled(CASES[name], True), "XLA": compiled(CASES[name], False)}
-        got, want = (jax.tree.leaves(f()) for f in runs.values())
-        for a, b in zip(got, want, strict=True):
-            scale = float(np.max(np.abs(b))) or 1.0
-            assert float(np.max(np.abs(np.asarray(a) - b))) <= 1e-4 * scale, name
+        _agree(runs["OpenBLAS"](), runs["XLA"](), name)
         med = alternate_calls(runs, args.rounds)
         print(
             f"{name} train step: OpenBLAS {med['OpenBLAS']:.1f} ms, XLA {med['XLA']:.1f} ms, "
