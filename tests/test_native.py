@@ -234,6 +234,39 @@ def test_gates_out_holds_xla_work_until_the_loop_ends(kind, monkeypatch):
     jax.clear_caches()
 
 
+def test_gates_out_blas_gives_the_same_bits_every_call(monkeypatch):
+    """Gates out, OpenBLAS's GEMMs are split into shares of rows that do not depend on how many of
+    the team's helpers joined a call: thirty calls, one result. (Split by the team that formed, a
+    helper that came late changed dx's last bits, and with it every gradient below.)"""
+    monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_BYTES", 0)
+    jax.clear_caches()
+    params, x, state = _problem("lstm", 5, 3, 4, 20, jnp.float64, layers=2, bidirectional=True)
+    loss = lambda p, x: jnp.sum(jnp.sin(jlstm.lstm(p, x, state)[0]))  # noqa: E731
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    assert "jlstm_sequence_grads" in grad.lower(params, x).as_text()
+    first = grad(params, x)
+    for _ in range(30):
+        assert_trees_close(grad(params, x), first, rtol=0, atol=0)
+    jax.clear_caches()
+
+
+def test_gates_out_takes_xla_dots_without_openblas(monkeypatch):
+    """Where OpenBLAS does not load, a gates-out backward's GEMMs are XLA's, with the same
+    gradients."""
+    monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_BYTES", 0)
+    params, x, state = _problem("gru", 4, 3, 5, 6, jnp.float64, layers=2, bidirectional=True)
+    loss = lambda p, x: jnp.sum(jnp.sin(jlstm.gru(p, x, state)[0]))  # noqa: E731
+    grads = {}
+    for reason in (None, "scipy-openblas32 is not installed (test)"):
+        monkeypatch.setattr(native, "blas_unavailable_reason", lambda reason=reason: reason)
+        jax.clear_caches()
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        assert ("jlstm_sequence_grads" in grad.lower(params, x).as_text()) == (reason is None)
+        grads[reason] = grad(params, x)
+    assert_trees_close(*grads.values(), rtol=1e-12, atol=1e-12)
+    jax.clear_caches()
+
+
 def test_gates_out_overwrites_the_saved_gates(monkeypatch):
     """Gates out, the LSTM backward writes its gate gradients over the saved gates (one (L, N, 4H)
     buffer fewer per train step): the call declares the alias, gradients under jit and vmap (where

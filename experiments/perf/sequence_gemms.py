@@ -8,7 +8,8 @@ In one process, for each case:
   bench``'s train), compiled with either, checked to agree, called alternately.
 
 Prints the median time per call of each (the GEMMs also in GFLOP/s) and their ratio
-(experiments.perf.common.alternate_calls). Only a backward that hands its gate gradients out (past
+(experiments.perf.common.alternate_calls), and the train step's temporary buffers (XLA's buffer
+assignment of the compiled step). Only a backward that hands its gate gradients out (past
 ``WEIGHTS_IN_LOOP_BYTES``: wide, or any case with ``--gates-out``, which sets that limit to 0) has
 these GEMMs.
 """
@@ -77,7 +78,8 @@ def compiled(case, blas: bool):
     finally:
         native.BLAS_GEMMS = True
     assert ("jlstm_sequence_grads" in fn.as_text()) == blas, "the switch did not take"
-    return lambda: jax.block_until_ready(fn(params, x))
+    temp_mib = fn.memory_analysis().temp_size_in_bytes / 2**20
+    return (lambda: jax.block_until_ready(fn(params, x))), temp_mib
 
 
 def main() -> None:
@@ -94,12 +96,14 @@ def main() -> None:
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     for name in args.cases.split(","):
         print(f"{name} {gemms(CASES[name], args.rounds)}", flush=True)
-        runs = {"OpenBLAS": compiled(CASES[name], True), "XLA": compiled(CASES[name], False)}
-        _agree(runs["OpenBLAS"](), runs["XLA"](), name)
+        (blas, blas_mib), (xla, xla_mib) = (compiled(CASES[name], b) for b in (True, False))
+        runs = {"OpenBLAS": blas, "XLA": xla}
+        _agree(blas(), xla(), name)
         med = alternate_calls(runs, args.rounds)
         print(
             f"{name} train step: OpenBLAS {med['OpenBLAS']:.1f} ms, XLA {med['XLA']:.1f} ms, "
-            f"ratio {med['OpenBLAS'] / med['XLA']:.3f} ({args.rounds} calls each, alternating)",
+            f"ratio {med['OpenBLAS'] / med['XLA']:.3f} ({args.rounds} calls each, alternating); "
+            f"XLA's temporaries {blas_mib:.1f} MiB against {xla_mib:.1f}",
             flush=True,
         )
 

@@ -1052,15 +1052,16 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
 // The backward's whole-sequence GEMMs through a BLAS, for a backward that hands its gate gradients
 // out (too large to sum the weight gradients in the loop):
 //
-//   dW_ih = sum_t dx_t^T x_t,  dW_hh = sum_t dh_t^T h_{t-1},  dx = dx_t @ W_ih,
+//   dW_ih = sum_t a_t^T x_t,  dW_hh = sum_t b_t^T h_{t-1},  dx_t = a_t @ W_ih,
 //
-// with dx_t = dh_t the LSTM's gate gradients (the GRU's differ by the reset gate). jlstm.native
-// hands in OpenBLAS's cblas_sgemm and cblas_dgemm (the scipy-openblas32 wheel, set to one thread)
-// through JlstmUseBlas; the team splits the output rows and each member calls the BLAS on its
-// share, so no BLAS thread pool runs beside XLA's (OpenBLAS's own spin a tenth of a second after
-// each call). h_{t-1} is read in place: the steps after the first processed pair with hs shifted by
-// one step, the first with h0. On a 2-core AMD EPYC (Zen 3) XLA's dots ran these shapes of the wide
-// case at 111-126 GFLOP/s against OpenBLAS's 142-151 (BENCHMARKS.md).
+// a_t and b_t the step's gate gradients through W_ih and W_hh (the same for the LSTM; for the GRU
+// they differ by the reset gate). jlstm.native hands in OpenBLAS's cblas_sgemm and cblas_dgemm (the
+// scipy-openblas32 wheel, set to one thread) through JlstmUseBlas; each member of the team calls
+// the BLAS on its shares of the output rows, so no BLAS thread pool runs beside XLA's (OpenBLAS's
+// own workers spin for about a tenth of a second after each call). h_{t-1} is read in place: the
+// steps after the first processed pair with hs shifted by one step, the first with h0. On a 2-core
+// AMD EPYC (Zen 3) the wide case's three GEMMs ran at 142 GFLOP/s this way against 122 as XLA's dots
+// (experiments/perf/sequence_gemms.py, BENCHMARKS.md).
 
 // cblas_?gemm with 32-bit integers: order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta,
 // c, ldc.
@@ -1105,7 +1106,9 @@ void sequence_grads(ffi::ThreadPool& pool, int64_t L, int64_t N, int64_t I, int6
   const T* hs_prev = io.hs + (reverse ? N * H : 0);
   // The outputs' rows in as many shares as the team may have members, whoever joins taking them in
   // turn: a BLAS's sums can depend on how many rows a call has, and a share's rows must not depend
-  // on how many helpers joined, so that a call gives the same bits every time.
+  // on how many helpers joined, so that a call gives the same bits every time. (Unlike the loops'
+  // own kernels, the last bits of these GEMMs may change with the number of threads,
+  // JLSTM_NATIVE_THREADS or the cores.)
   const int shares = max_threads();
   run_team(pool, shares, flops, [&](int k, int n) {
     for (int s = k; s < shares; s += n) {
