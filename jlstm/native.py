@@ -268,10 +268,10 @@ TRANSPOSE_FIRST = "avx2" in _FLAGS and "avx512f" not in _FLAGS
 # sequence_grads), rather than with XLA's dots, where OpenBLAS loads (blas_unavailable_reason). It
 # also reads h_{t-1} and the transposes in place instead of copying them. `python -m
 # experiments.perf.sequence_gemms wide` on a 2-core AMD EPYC (Zen 3, AVX2), 2026-12-03: the wide
-# case's three GEMMs at 142 GFLOP/s against 122 XLA's way, the train step in 0.895-0.911 of the time
-# and 192.5 MiB of XLA temporaries against 224.5 (BENCHMARKS.md). On the 2-core Xeon of
-# BENCHMARKS.md, NumPy's OpenBLAS ran the same shapes at 298-380 GFLOP/s against XLA's 293-344 (not
-# measured through this path). False: XLA's dots.
+# case's three GEMMs at 142-174 GFLOP/s against 122-149 XLA's way (0.80-0.86 of the time), the
+# train step in 0.88-0.96 of the time and 192.5 MiB of XLA temporaries against 224.5
+# (BENCHMARKS.md). On the 2-core Xeon of BENCHMARKS.md, NumPy's OpenBLAS ran the same shapes at
+# 298-380 GFLOP/s against XLA's 293-344 (not measured through this path). False: XLA's dots.
 BLAS_GEMMS = True
 
 

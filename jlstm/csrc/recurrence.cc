@@ -1060,8 +1060,8 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
 // the BLAS on its shares of the output rows, so no BLAS thread pool runs beside XLA's (OpenBLAS's
 // own workers spin for about a tenth of a second after each call). h_{t-1} is read in place: the
 // steps after the first processed pair with hs shifted by one step, the first with h0. On a 2-core
-// AMD EPYC (Zen 3) the wide case's three GEMMs ran at 142 GFLOP/s this way against 122 as XLA's dots
-// (experiments/perf/sequence_gemms.py, BENCHMARKS.md).
+// AMD EPYC (Zen 3) the wide case's three GEMMs ran at 142-174 GFLOP/s this way against 122-149 as
+// XLA's dots (experiments/perf/sequence_gemms.py, BENCHMARKS.md).
 
 // cblas_?gemm with 32-bit integers: order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta,
 // c, ldc.
