@@ -132,17 +132,22 @@ def _load() -> ctypes.CDLL:
     return library
 
 
-@functools.cache
 def blas_unavailable_reason() -> str | None:
     """None if the backward's whole-sequence GEMMs can go to OpenBLAS (see :data:`BLAS_GEMMS`),
-    else why not. The BLAS is the ``scipy-openblas32`` wheel (a dependency on Linux x86-64), the
-    OpenBLAS build NumPy and SciPy are built against, under its own symbol names; it is set to one
-    thread (the C++ team splits the work and calls it from each member), which affects nobody else
-    in the process unless they load that same wheel.
+    else why not (loads it on the first call). The BLAS is the ``scipy-openblas32`` wheel (a
+    dependency on Linux x86-64), the OpenBLAS build NumPy and SciPy are built against, under its own
+    symbol names; it is set to one thread (the C++ team splits the work and calls it from each
+    member), which affects nobody else in the process unless they load that same wheel.
 
     >>> blas_unavailable_reason() is None or isinstance(blas_unavailable_reason(), str)
     True
     """
+    return _load_blas()
+
+
+@functools.cache
+def _load_blas() -> str | None:
+    """Hands OpenBLAS's GEMMs to the C++ library once; None, or why it could not."""
     try:
         import scipy_openblas32
     except ImportError:
@@ -322,6 +327,9 @@ def _blas_gemms(x, w_hh) -> bool:
 def _sequence_grads(d_in, d_h, x, hs, h0, w_ih, reverse, needed_dx):
     """``(dW_ih, dW_hh, dx)`` from every step's gate gradients through W_ih (``d_in``) and W_hh
     (``d_h``), by the C++ team's OpenBLAS calls; dx None when not ``needed_dx``."""
+    reason = _load_blas()  # the library's GEMMs must have been handed in, as _load() registers
+    if reason is not None:
+        raise NativeUnavailable(reason)
     outs = (like(w_ih.shape, x), like((w_ih.shape[0], h0.shape[-1]), x))
     outs += (like(_dx_shape(x, needed_dx), x),)
     dw_ih, dw_hh, dx = jax.ffi.ffi_call("jlstm_sequence_grads", outs, vmap_method="sequential")(
@@ -348,12 +356,11 @@ def _bwd(reverse, residuals, cotangents, needed):
     dgates, dh0, dc0 = _call(
         "lstm_backward_gates", outs, *inputs, valid=valid, reverse=reverse, aliases=aliases
     )
-    dbias = jnp.sum(dgates, axis=(0, 1))
     if _blas_gemms(x, w_hh):
         dw_ih, dw_hh, dx = _sequence_grads(dgates, dgates, x, hs, h0, w_ih, reverse, needed[3])
-        return dw_ih, dw_hh, dbias, dx, dh0, dc0, None
+        return dw_ih, dw_hh, jnp.sum(dgates, axis=(0, 1)), dx, dh0, dc0, None
     x, hs, dgates = after_the_loop(x, hs, dgates)
-    dw_ih, _, dx = input_grads(dgates, x, w_ih, TRANSPOSE_FIRST)
+    dw_ih, dbias, dx = input_grads(dgates, x, w_ih, TRANSPOSE_FIRST)
     hs_prev = previous(hs, h0, reverse)
     return dw_ih, weight_grad(dgates, hs_prev, TRANSPOSE_FIRST), dbias, dx, dh0, dc0, None
 
@@ -407,12 +414,12 @@ def _gru_bwd(reverse, residuals, cotangents, needed):
         valid=valid,
         reverse=reverse,
     )
-    dbias, db_hn = jnp.sum(dxw, axis=(0, 1)), jnp.sum(dhw[..., 2 * h0.shape[-1] :], axis=(0, 1))
+    db_hn = jnp.sum(dhw[..., 2 * h0.shape[-1] :], axis=(0, 1))
     if _blas_gemms(x, w_hh):
         dw_ih, dw_hh, dx = _sequence_grads(dxw, dhw, x, hs, h0, w_ih, reverse, needed[4])
-        return dw_ih, dw_hh, dbias, db_hn, dx, dh0, None
+        return dw_ih, dw_hh, jnp.sum(dxw, axis=(0, 1)), db_hn, dx, dh0, None
     x, hs, dxw, dhw = after_the_loop(x, hs, dxw, dhw)
-    dw_ih, _, dx = input_grads(dxw, x, w_ih, TRANSPOSE_FIRST)
+    dw_ih, dbias, dx = input_grads(dxw, x, w_ih, TRANSPOSE_FIRST)
     dw_hh = weight_grad(dhw, previous(hs, h0, reverse), TRANSPOSE_FIRST)
     return dw_ih, dw_hh, dbias, db_hn, dx, dh0, None
 
