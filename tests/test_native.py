@@ -324,18 +324,20 @@ np.savez(sys.argv[1], *results)
 """
 
 
+# Batch 7 = a 6-row tile + 1 and 13 = 2 tiles + 1 (AVX2's tiles have 6 rows); hidden 33 and 100
+# leave last panels of 1 and 2 vectors. Each with weights in the loop and gates out.
+AVX2_SIZES = [(5, 7, 3, 33), (4, 13, 5, 100), (3, 1, 2, 17)]
+
 _AVX2_SCRIPT = """
-import sys, jax, jax.numpy as jnp
+import ast, sys, jax, jax.numpy as jnp
 sys.path.insert(0, sys.argv[1])
 from paths import assert_forward_matches_the_scan_path, assert_matches_the_scan_path
 from jlstm import native
 jax.config.update("jax_enable_x64", True)
 assert "-mno-avx512f" in native.FLAGS and native.available(), native.unavailable_reason()
-# Batch 7 = a 6-row tile + 1 and 13 = 2 tiles + 1 (AVX2's tiles have 6 rows); hidden 33 and 100
-# leave last panels of 1 and 2 vectors; weights in the loop and gates out.
 for in_loop in (native.WEIGHTS_IN_LOOP_BYTES, 0):
     native.WEIGHTS_IN_LOOP_BYTES = in_loop
-    for size in ((5, 7, 3, 33), (4, 13, 5, 100), (3, 1, 2, 17)):
+    for size in ast.literal_eval(sys.argv[2]):
         for kind in ("lstm", "gru"):
             for dtype, tol in ((jnp.float64, 1e-12), (jnp.float32, 2e-5)):
                 assert_matches_the_scan_path("native", kind, size, dtype, tol)
@@ -344,22 +346,46 @@ for in_loop in (native.WEIGHTS_IN_LOOP_BYTES, 0):
 """
 
 
-def _has_avx2() -> bool:
+def _cpu_has(flag: str) -> bool:
     try:
-        return " avx2" in Path("/proc/cpuinfo").read_text()
+        return f" {flag}" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
 
 
-@pytest.mark.skipif(not _has_avx2(), reason="needs an x86-64 CPU with AVX2")
+@pytest.mark.skipif(
+    not (_cpu_has("avx2") and _cpu_has("avx512f")),
+    reason="needs an x86-64 CPU with AVX-512; without it the default build is the AVX2 one "
+    "(test_avx2_tiles_match_the_scan_path)",
+)
 def test_avx2_build_matches_the_scan_path(tmp_path):
     """The kernels as a CPU without AVX-512 builds them (32-byte vectors, 6 x 2 tiles), here built
-    with -mno-avx512f, against the lax.scan path; on a CPU without AVX-512 this is the default
-    build, which the rest of this file tests."""
+    with -mno-avx512f, against the lax.scan path on AVX2_SIZES."""
     env = dict(os.environ, JLSTM_CXXFLAGS="-mno-avx512f", JLSTM_CACHE=str(tmp_path))
-    subprocess.run(
-        [sys.executable, "-c", _AVX2_SCRIPT, str(ROOT / "tests")], env=env, cwd=ROOT, check=True
-    )
+    script = [_AVX2_SCRIPT, str(ROOT / "tests"), repr(AVX2_SIZES)]
+    subprocess.run([sys.executable, "-c", *script], env=env, cwd=ROOT, check=True)
+
+
+@pytest.mark.skipif(
+    not _cpu_has("avx2") or _cpu_has("avx512f"),
+    reason="needs an x86-64 CPU with AVX2 and no AVX-512, whose default build is the AVX2 one; "
+    "with AVX-512, test_avx2_build_matches_the_scan_path builds it apart",
+)
+@pytest.mark.parametrize("in_loop", [True, False], ids=["weights-in-loop", "gates-out"])
+@pytest.mark.parametrize("size", AVX2_SIZES, ids=lambda s: "L{}-N{}-I{}-H{}".format(*s))
+@KINDS
+def test_avx2_tiles_match_the_scan_path(kind, size, in_loop, monkeypatch):
+    """The sizes of test_avx2_build_matches_the_scan_path, on the library this process built, which
+    a CPU without AVX-512 builds with the AVX2 kernels: in this process, where the grid's problems
+    and references are kept, rather than in a process and a build of its own."""
+    if not in_loop:
+        monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_BYTES", 0)
+    jax.clear_caches()  # the layer stack is jitted: retrace with the setting
+    for dtype, tol in ((jnp.float64, 1e-12), (jnp.float32, 2e-5)):
+        assert_matches_the_scan_path("native", kind, size, dtype, tol)
+        if in_loop:
+            assert_forward_matches_the_scan_path("native", kind, size, dtype, tol)
+    jax.clear_caches()
 
 
 def test_results_do_not_depend_on_the_number_of_threads(tmp_path):
@@ -426,7 +452,7 @@ def test_a_header_is_part_of_the_cache_key(monkeypatch, tmp_path):
     assert native._library_path() != before
 
 
-@pytest.mark.skipif(not _has_avx2(), reason="needs an x86-64 CPU with AVX2")
+@pytest.mark.skipif(not _cpu_has("avx2"), reason="needs an x86-64 CPU with AVX2")
 def test_float32_gate_functions_hold_their_error_bounds(tmp_path):
     """csrc/gate_math.h's tanh and sigmoid, vectorised with the loop's own flags, over every 97th
     float32 bit pattern of either sign (44 million values, every binade) against double-precision
