@@ -46,6 +46,16 @@ def test_bench_writes_checked_timings_and_memory(tmp_path, capsys, monkeypatch):
         return result
 
     monkeypatch.setattr(peak, "measure", measure_slow_first)
+
+    # The machine's speed probe, timed in every sample: at full speed through the forward case, at
+    # about a quarter of it through the train case, which must come out marked slow.
+    pauses = [0.004, 0.001]  # one per case, taken from the end
+
+    def probe():
+        pause = pauses.pop()
+        return timing.Timed(lambda: time.sleep(pause), lambda r: r)
+
+    monkeypatch.setattr(machine, "gemm_probe", probe)
     out = tmp_path / "bench.json"
     argv = ["--cases", "mnist", "--samples", "2", "--sample-s", "0.01", "--no-epoch"]
     argv += ["--impls", "torch,jlstm,flax", "--memory-cases", "mnist", "--out", str(out)]
@@ -67,7 +77,12 @@ def test_bench_writes_checked_timings_and_memory(tmp_path, capsys, monkeypatch):
         assert 0 < record["torch_of_peak"] < 2 and 0 < record["jlstm_of_peak"] < 2
         assert record["target"].startswith(("≤ 0.85: ", "≤ 1, ≥ 90 % of step GEMM: "))
         assert set(record["gflops"]) == {"torch", "jlstm", "flax"}
+        assert len(record["probe_samples_s"]) == 2 and record["probe_gflops"] > 0
+    fwd, train = report_["results"]
+    assert (fwd["speed"], fwd["slow"]) == (1.0, False)
+    assert train["speed"] < 0.5 and train["slow"] is True
     gemm = report_["gemm_peak"]
+    assert "speed" not in gemm and "slow" not in gemm  # the peak is measured apart
     assert set(gemm["square"]) == {"torch.mm", "xla dot", "numpy @"}
     assert gemm["peak_gflops"] == max(gemm["square"].values()) > 0
     # measured before the cases and after them; the final judgments hold to the better of the two
@@ -88,7 +103,12 @@ def test_bench_writes_checked_timings_and_memory(tmp_path, capsys, monkeypatch):
     assert "jlstm % of step GEMM" in printed and "-> peak" in printed
     assert "(after the cases; load " in printed
     assert "| mnist |" in printed.split("Memory of one train step")[1]
-    assert report.LOADED_MARK not in printed and "WARNING" not in printed
+    table = printed.split("| case | mode |")[-1]
+    assert "| mnist | fwd |" in table and "; speed 1.00 |" in table
+    assert f" {report.SLOW_MARK} |" in table.split("| mnist | train |")[1].splitlines()[0]
+    assert report.LOADED_MARK not in printed
+    assert "~ measured while the machine ran slow" in printed
+    assert "WARNING: of 3 measurements, 1 while the machine ran slow (~); rerun on" in printed
 
 
 @pytest.mark.parametrize(
@@ -188,11 +208,59 @@ def _record(case, loaded):
 def test_the_table_marks_loaded_rows_and_explains_the_mark():
     rows = [_record("quiet", False), _record("busy", True)]
     lines = report.table(rows).splitlines()
-    assert lines[0].endswith("| load |")
+    assert lines[0].endswith("| load; speed |")
     assert lines[2].startswith("| quiet | fwd |") and lines[2].endswith("| 2.0–2.1, others 0.10 |")
     assert lines[3].startswith("| busy | fwd |") and lines[3].endswith("| 2.0–2.1, others 0.90 * |")
     assert "more than 0.25 x 2 cores busy" in report.load_footnote(rows, cores=2)
+    assert "ran slow" not in report.load_footnote(rows, cores=2)
     assert report.load_footnote(rows[:1], cores=2) == ""
+
+
+def test_a_measurement_is_marked_slow_when_its_probe_ran_below_0_9_of_the_runs_fastest():
+    rows = [
+        _record(case, False) | {"probe_gflops": rate}
+        for case, rate in [("fast", 180.0), ("edge", 162.0), ("slow", 161.0)]
+    ]
+    machine.mark_slow(rows)
+    assert [(r["speed"], r["slow"]) for r in rows] == [(1.0, False), (0.9, False), (0.89, True)]
+    lines = report.table(rows).splitlines()
+    assert lines[2].endswith("| 2.0–2.1, others 0.10; speed 1.00 |")
+    assert lines[4].endswith("| 2.0–2.1, others 0.10; speed 0.89 ~ |")
+    footnote = report.load_footnote(rows, cores=2)
+    assert (
+        footnote.startswith("~ measured while the machine ran slow") and "x 2 cores" not in footnote
+    )
+    both = [rows[2] | {"loaded": True}]
+    assert report.table(both).splitlines()[2].endswith("| 2.0–2.1, others 0.10; speed 0.89 *~ |")
+    assert len(report.load_footnote(both, cores=2).splitlines()) == 2
+
+
+def test_the_probe_is_timed_in_every_sample_after_one_untimed_call():
+    """Whatever ran before a call slows its first iteration; the probe must not count that."""
+    calls = []
+
+    def impl():
+        calls.append("impl")
+
+    def probe():
+        time.sleep(0.02 if calls[-1:] == ["impl"] else 0.001)  # slow just after the impl
+        calls.append("probe")
+
+    timings = timing.time_round_robin(
+        {"impl": timing.Timed(impl, lambda r: r)}, 3, 0.0, timing.Timed(probe, lambda r: r), 0.0
+    )
+    assert len(timings["probe"]["samples_s"]) == 3 and len(timings["impl"]["samples_s"]) == 3
+    assert timings["probe"]["median_s"] < 0.01
+    assert set(timings) == {"impl", "probe"} and "probe" not in timing.time_round_robin({}, 1, 0)
+
+
+def test_the_gemm_probe_times_a_real_product():
+    probe = machine.gemm_probe()
+    got = np.asarray(probe.sync(probe.run()))
+    assert got.shape == (machine.PROBE_SIZE,) * 2 and np.isfinite(got).all()
+    timed = timing.time_round_robin({}, 2, 0.0, probe, 0.0)["probe"]
+    record = machine.probe_record(timed)
+    assert record["probe_gflops"] > 0 and len(record["probe_samples_s"]) == 2
 
 
 def test_cpu_info_reads_the_first_processor():

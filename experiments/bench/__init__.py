@@ -14,8 +14,10 @@ compile time (trace + lower + compile) is measured apart. "fwd" is the forward p
 respect to the parameters and the input. Results print as a markdown table and go to
 ``runs/bench/bench.json``. Each measurement records the machine's 1-minute load before and after
 it and the cores other processes kept busy meanwhile; one taken while they kept more than a quarter
-of the cores busy is marked ``*`` (``"loaded": true``). On CPU the run first measures the machine's
-float32 GEMM peak (torch, XLA and numpy; ``--no-peak`` skips it) and holds each case against it.
+of the cores busy is marked ``*`` (``"loaded": true``); one whose GEMM probe, timed in every
+sample, ran below 0.9 of the run's fastest is marked ``~`` (``"slow": true``). On CPU the run first
+measures the machine's float32 GEMM peak (torch, XLA and numpy; ``--no-peak`` skips it) and holds
+each case against it.
 
 The package: ``cases`` (the one table of benchmark cases), ``adapters`` (torch, jlstm, flax and
 cuDNN on the same weights), ``timing`` (comparison with torch, round-robin timing), ``memory``

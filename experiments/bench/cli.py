@@ -48,7 +48,11 @@ def bench_case(
             print(f"  {name}/{mode}/{impl_name}: {rec['error']} -- not timed", flush=True)
             continue
         impls[impl_name] = impl
-    for impl_name, timing in time_round_robin(impls, args.samples, args.sample_s).items():
+    # The probe runs in every sample beside them: how fast the machine ran meanwhile.
+    probe = machine.gemm_probe()
+    timings = time_round_robin(impls, args.samples, args.sample_s, probe, machine.PROBE_S)
+    record |= machine.probe_record(timings.pop("probe"))
+    for impl_name, timing in timings.items():
         record["impls"][impl_name] |= timing
     if gemm_peak is not None:
         record |= peak.judge(record, case, mode, gemm_peak)
@@ -143,6 +147,7 @@ def main(argv=None):
     memory = bench_memory(args)
     env["total_s"] = time.perf_counter() - start
     timed = results + ([epoch] if epoch else []) + ([gemm_peak] if gemm_peak else [])
+    machine.mark_slow(timed)
     cores = os.cpu_count() or 1
     print("\n" + report.table(results))
     if gemm_peak is not None:
@@ -163,11 +168,13 @@ def main(argv=None):
     record["gemm_peak"] = gemm_peak
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"\nwrote {out} ({env['total_s']:.0f} s)")
-    if loaded := [r for r in timed if r["loaded"]]:
+    loaded, slow = sum(r["loaded"] for r in timed), sum(bool(r.get("slow")) for r in timed)
+    if loaded or slow:
+        marked = [f"{loaded} ran under load ({report.LOADED_MARK})"] if loaded else []
+        marked += [f"{slow} while the machine ran slow ({report.SLOW_MARK})"] if slow else []
         print(
-            f"WARNING: {len(loaded)} of {len(timed)} measurements ran under load "
-            f"({report.LOADED_MARK}); rerun on a quiet machine"
-            + (" or with --torch-threads 1" if args.torch_threads > 1 else "")
+            f"WARNING: of {len(timed)} measurements, {' and '.join(marked)}; rerun on a quiet "
+            "machine" + (" or with --torch-threads 1" if loaded and args.torch_threads > 1 else "")
         )
     failed = [r for r in results if any("error" in v for v in r["impls"].values())]
     return 1 if failed else 0

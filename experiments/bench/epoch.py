@@ -19,7 +19,7 @@ import torch
 
 import jlstm
 from experiments.bench import machine
-from experiments.bench.timing import max_rel_err
+from experiments.bench.timing import max_rel_err, time_round_robin
 
 
 def bench_epoch(args) -> dict:
@@ -80,7 +80,7 @@ def bench_epoch(args) -> dict:
     start = time.perf_counter()
     epoch = jax.jit(jax_epoch, donate_argnums=0).lower(state, xj, yj).compile()
     compile_s = time.perf_counter() - start
-    times, losses = {"torch": [], "jlstm": []}, {}
+    times, losses, probe_s = {"torch": [], "jlstm": []}, {}, []  # probed after each epoch
     for s in range(args.epoch_samples):
         for name in ["torch", "jlstm"] if s % 2 == 0 else ["jlstm", "torch"]:
             start = time.perf_counter()
@@ -91,8 +91,11 @@ def bench_epoch(args) -> dict:
                 losses[name] = float(loss)  # waits for the epoch
             times[name].append(time.perf_counter() - start)
             print(f"  epoch {s} {name}: {times[name][-1]:.2f} s", flush=True)
+            probed = time_round_robin({}, 3, 0, machine.gemm_probe(), machine.PROBE_S)["probe"]
+            probe_s += probed["samples_s"]
     rec = {"batches": n_batches, "batch": batch, "check_max_rel_err": err, "compile_s": compile_s}
     rec |= machine.load_since(load)
+    rec |= machine.probe_record({"median_s": statistics.median(probe_s), "samples_s": probe_s})
     rec |= {name: {"median_s": statistics.median(t), "samples_s": t} for name, t in times.items()}
     rec["ratio_jlstm_torch"] = rec["jlstm"]["median_s"] / rec["torch"]["median_s"]
     rec["last_epoch_mean_loss"] = losses

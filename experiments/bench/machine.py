@@ -9,11 +9,20 @@ The 1-minute load average is recorded before and after every measurement, but it
 mark: the benchmark itself keeps every core busy, so on a quiet 2-core machine the load reads about
 2. What decides is how many cores *other* processes kept busy during the measurement: the machine's
 busy CPU time (``/proc/stat``, steal included) minus this process's own, over the wall time.
+
+A shared machine can also run slow with no other process in sight: a neighbour on the host's cores
+does not show in this guest's ``/proc/stat``, nor always as steal time (a 2-core Zen 3 EPYC under
+KVM, 2026-12-03, measured its float32 2048^3 GEMM at 87-179 GFLOP/s within a quarter of an hour,
+load under 0.3 and no steal, against 190 when quiet). So every round-robin sample also times a
+fixed probe, a float32 GEMM (:func:`gemm_probe`), and a measurement whose probe ran below
+:data:`SLOW_FRACTION` of the run's fastest probe is marked slow (:func:`mark_slow`). Published
+figures come from runs with neither mark.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import platform
 import subprocess
@@ -23,6 +32,7 @@ from pathlib import Path
 
 import flax
 import jax
+import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import optax
@@ -30,8 +40,12 @@ import torch
 
 from experiments.bench import adapters
 from experiments.bench.cases import CASES
+from experiments.bench.timing import Timed
 
 OTHERS_FRACTION = 0.25  # marked when other processes kept more than this x the cores busy
+PROBE_SIZE = 1024  # the speed probe: a float32 GEMM of this size cubed (2.1 GFLOP)
+PROBE_S = 0.05  # seconds of probe in each round-robin sample
+SLOW_FRACTION = 0.9  # marked slow when its probe ran below this x the run's fastest probe
 
 
 def load_average() -> float:
@@ -100,6 +114,41 @@ def load_since(start: tuple, cores: int | None = None) -> dict:
     """The :func:`load_record` of a measurement that began at ``start = load_now()``."""
     others = others_cores(start[1], cpu_times())
     return load_record(start[0], load_average(), others, cores)
+
+
+@functools.cache
+def gemm_probe() -> Timed:
+    """The machine's speed, timed beside the implementations in every sample: XLA's dot of two
+    :data:`PROBE_SIZE` square float32 matrices, on the same thread pool as jlstm and flax."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((PROBE_SIZE,) * 2, np.float32))
+    dot = jax.jit(jnp.dot)
+    return Timed(lambda: dot(a, a), lambda r: r.block_until_ready())
+
+
+def probe_record(timing: dict) -> dict:
+    """The JSON fields of a measurement's probe, from its ``time_round_robin`` timing.
+
+    >>> probe_record({"median_s": 0.01, "samples_s": [0.01, 0.02]})
+    {'probe_gflops': 214.7, 'probe_samples_s': [0.01, 0.02]}
+    """
+    gflops = 2 * PROBE_SIZE**3 / timing["median_s"] / 1e9
+    return {"probe_gflops": round(gflops, 1), "probe_samples_s": timing["samples_s"]}
+
+
+def mark_slow(records: list[dict]) -> None:
+    """Sets ``speed``, a record's probe GFLOP/s over the fastest of the run, and ``slow`` (below
+    :data:`SLOW_FRACTION`) on every record that has a probe.
+
+    >>> records = [{"probe_gflops": 180.0}, {"probe_gflops": 150.0}, {"peak_gflops": 190.0}]
+    >>> mark_slow(records)
+    >>> [(r.get("speed"), r.get("slow")) for r in records]
+    [(1.0, False), (0.83, True), (None, None)]
+    """
+    probed = [r for r in records if r.get("probe_gflops")]
+    fastest = max((r["probe_gflops"] for r in probed), default=None)
+    for r in probed:
+        speed = r["probe_gflops"] / fastest
+        r |= {"speed": round(speed, 2), "slow": speed < SLOW_FRACTION}
 
 
 def cpu_info(cpuinfo: str) -> dict:

@@ -4,9 +4,10 @@ epoch; and the marks of measurements taken under load."""
 from __future__ import annotations
 
 from experiments.bench.adapters import IMPLS
-from experiments.bench.machine import OTHERS_FRACTION
+from experiments.bench.machine import OTHERS_FRACTION, SLOW_FRACTION
 
 LOADED_MARK = "*"
+SLOW_MARK = "~"
 PEAK_SHARES = ("torch_of_peak", "jlstm_of_peak", "jlstm_of_step_best")
 
 
@@ -20,27 +21,44 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def load_cell(record: dict) -> str:
-    """The 1-minute load before–after a measurement (the benchmark's own threads included) and the
-    cores other processes kept busy meanwhile, marked if it counts as loaded.
+    """The 1-minute load before–after a measurement (the benchmark's own threads included), the
+    cores other processes kept busy meanwhile, and the machine's speed (its GEMM probe over the
+    run's fastest; the probe's GFLOP/s until the run has ended), marked if it counts as loaded or
+    slow.
 
     >>> load_cell({"load_avg_1m": 0.31, "load_avg_1m_end": 2.5, "others_cores": 0.9, "loaded": True})
     '0.3–2.5, others 0.90 *'
+    >>> quiet = {"load_avg_1m": 2.0, "load_avg_1m_end": 2.1, "others_cores": 0.0, "loaded": False}
+    >>> load_cell(quiet | {"probe_gflops": 171.2}), load_cell(quiet | {"speed": 0.8, "slow": True})
+    ('2.0–2.1, others 0.00; probe 171 GFLOP/s', '2.0–2.1, others 0.00; speed 0.80 ~')
     """
     loads = f"{record['load_avg_1m']:.1f}–{record['load_avg_1m_end']:.1f}"
     if record.get("others_cores") is not None:
         loads += f", others {record['others_cores']:.2f}"
-    return loads + (f" {LOADED_MARK}" if record["loaded"] else "")
+    if record.get("speed") is not None:
+        loads += f"; speed {record['speed']:.2f}"
+    elif record.get("probe_gflops") is not None:
+        loads += f"; probe {record['probe_gflops']:.0f} GFLOP/s"
+    marks = (LOADED_MARK if record["loaded"] else "") + (SLOW_MARK if record.get("slow") else "")
+    return loads + (f" {marks}" if marks else "")
 
 
 def load_footnote(records: list[dict], cores: int) -> str:
-    """What the mark means, if any of ``records`` carries it; else the empty string."""
-    if not any(r["loaded"] for r in records):
-        return ""
-    return (
-        f"{LOADED_MARK} measured while other processes kept more than {OTHERS_FRACTION} x {cores} "
-        "cores busy: torch's OpenMP threads lose far more to that than XLA's (ratios to torch "
-        "come out too low); publish no figure from it"
-    )
+    """What the marks mean, for those ``records`` carry; else the empty string."""
+    notes = []
+    if any(r["loaded"] for r in records):
+        notes.append(
+            f"{LOADED_MARK} measured while other processes kept more than {OTHERS_FRACTION} x "
+            f"{cores} cores busy: torch's OpenMP threads lose far more to that than XLA's (ratios "
+            "to torch come out too low); publish no figure from it"
+        )
+    if any(r.get("slow") for r in records):
+        notes.append(
+            f"{SLOW_MARK} measured while the machine ran slow: its GEMM probe ran below "
+            f"{SLOW_FRACTION} x the run's fastest (a neighbour on the host's cores, unseen in the "
+            "load); publish no figure from it"
+        )
+    return "\n".join(notes)
 
 
 def table(results: list[dict]) -> str:
@@ -52,7 +70,7 @@ def table(results: list[dict]) -> str:
     judged = any("target" in r for r in results)
     if judged:  # against the machine's float32 GEMM peak (experiments.bench.peak)
         head += ["torch % of peak", "jlstm % of peak", "jlstm % of step GEMM", "target"]
-    head += ["load"]
+    head += ["load; speed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         t = {n: r["impls"].get(n, {}).get("median_s") for n in IMPLS}

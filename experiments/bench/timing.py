@@ -40,28 +40,54 @@ def max_rel_err(got: dict, want: dict) -> float:
     return float(max(errs))
 
 
-def time_round_robin(impls: dict[str, Timed], samples: int, sample_s: float) -> dict:
+def _iterations(impl: Timed, sample_s: float) -> int:
+    """How many iterations of ``impl`` fill about ``sample_s`` seconds (after one to warm up)."""
+    impl.sync(impl.run())
+    start = time.perf_counter()
+    impl.sync(impl.run())
+    return max(1, min(1000, round(sample_s / (time.perf_counter() - start))))
+
+
+def _sample(impl: Timed, n: int) -> tuple[float, float]:
+    """Wall and process CPU seconds per iteration over ``n`` iterations, synced at the end."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        r = impl.run()
+    impl.sync(r)
+    return (time.perf_counter() - start) / n, (time.process_time() - cpu_start) / n
+
+
+def time_round_robin(
+    impls: dict[str, Timed],
+    samples: int,
+    sample_s: float,
+    probe: Timed | None = None,
+    probe_s: float = 0.05,
+) -> dict:
     """Median time per iteration of each implementation over `samples` round-robin samples:
     wall clock (``median_s``, what the tables show) and process CPU time (``cpu_median_s``: about
-    wall x the number of cores kept busy)."""
-    iters = {}
-    for name, impl in impls.items():  # warm up, then size a sample to about sample_s
-        impl.sync(impl.run())
-        start = time.perf_counter()
-        impl.sync(impl.run())
-        iters[name] = max(1, min(1000, round(sample_s / (time.perf_counter() - start))))
+    wall x the number of cores kept busy).
+
+    A ``probe`` is timed too, for about ``probe_s`` at the start of every sample, under
+    ``"probe"``: a fixed workload whose time tells how fast the machine ran meanwhile. One
+    untimed call comes first, since whatever ran before any call slows its first iteration (on a
+    2-core Zen 3, a 1024^3 GEMM's first iteration after a flax train step took twice its time).
+    """
+    iters = {name: _iterations(impl, sample_s) for name, impl in impls.items()}
     times, cpu = {name: [] for name in impls}, {name: [] for name in impls}
+    probe_times = []
+    probe_iters = probe and _iterations(probe, probe_s)
     order = list(impls)
     for s in range(samples):
-        for name in order[s % len(order) :] + order[: s % len(order)]:
-            impl, n = impls[name], iters[name]
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for _ in range(n):
-                r = impl.run()
-            impl.sync(r)
-            times[name].append((time.perf_counter() - start) / n)
-            cpu[name].append((time.process_time() - cpu_start) / n)
-    return {
+        if probe:
+            probe.sync(probe.run())
+            probe_times.append(_sample(probe, probe_iters)[0])
+        first = s % max(1, len(order))
+        for name in order[first:] + order[:first]:
+            wall, cpu_s = _sample(impls[name], iters[name])
+            times[name].append(wall)
+            cpu[name].append(cpu_s)
+    timings = {
         name: {
             "median_s": statistics.median(t),
             "samples_s": t,
@@ -70,3 +96,6 @@ def time_round_robin(impls: dict[str, Timed], samples: int, sample_s: float) -> 
         }
         for name, t in times.items()
     }
+    if probe:
+        timings["probe"] = {"median_s": statistics.median(probe_times), "samples_s": probe_times}
+    return timings
