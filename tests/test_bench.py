@@ -302,7 +302,9 @@ def test_gpu_only_columns_are_left_out_on_cpu():
     assert "impl='cudnn'" in adapters.jlstm_refusal("cudnn", case)
 
 
-@pytest.mark.parametrize("module", [cases, machine, peak, report, timing], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "module", [cases, compare, machine, peak, report, timing], ids=lambda m: m.__name__
+)
 def test_docstring_examples(module):
     """experiments/ is outside the doctest paths (it needs torch); the bench's examples run here."""
     failed, attempted = doctest.testmod(module)
@@ -310,15 +312,22 @@ def test_docstring_examples(module):
 
 
 def test_compare_reports_the_spread_between_two_runs(tmp_path, capsys):
-    def run(jlstm_ms, date):
+    def run(jlstm_ms, date, slow=False):
         impls = {"torch": {"median_s": 2e-3}, "jlstm": {"median_s": jlstm_ms * 1e-3}, "flax": {}}
-        return {"date": date, "results": [{"case": "mnist", "mode": "fwd", "impls": impls}]}
+        record = {"case": "mnist", "mode": "fwd", "impls": impls, "loaded": False, "slow": slow}
+        return {"date": date, "results": [record]}
 
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(run(1.6, "A")))
     b.write_text(json.dumps(run(1.8, "B")))
     assert compare.main([str(a), str(b)]) == 0
     printed = capsys.readouterr().out
-    assert "| mnist | fwd | jlstm/torch | 0.80 | 0.90 | +0.10 |" in printed
+    assert "| mnist | fwd | jlstm/torch | 0.80 | 0.90 | +0.10 |  |" in printed
     assert "largest difference: +0.10 (mnist fwd jlstm/torch)" in printed
+    assert "marked:" not in printed
+    b.write_text(json.dumps(run(1.8, "B", slow=True)))
+    assert compare.main([str(a), str(b)]) == 0
+    printed = capsys.readouterr().out
+    assert "| mnist | fwd | jlstm/torch | 0.80 | 0.90 | +0.10 | /~ |" in printed
+    assert "marked: * under load, ~ while the machine ran slow" in printed
     assert compare.main([str(a)]) == 2

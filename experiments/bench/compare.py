@@ -25,15 +25,29 @@ def ratios(record: dict) -> dict[str, float]:
     return {f"{a}/{b}": t[a] / t[b] for a, b in RATIOS if t.get(a) and t.get(b)}
 
 
-def spread(first: dict, second: dict) -> list[tuple[str, str, str, float, float]]:
-    """``(case, mode, ratio name, first, second)`` for every ratio both runs have."""
-    later = {(r["case"], r["mode"]): ratios(r) for r in second["results"]}
+def marks(record: dict) -> str:
+    """The marks of a measurement taken under load (``*``) or while the machine ran slow (``~``).
+
+    >>> marks({"loaded": False, "slow": True}), marks({"loaded": False})
+    ('~', '')
+    """
+    return ("*" if record.get("loaded") else "") + ("~" if record.get("slow") else "")
+
+
+def spread(first: dict, second: dict) -> list[tuple[str, str, str, float, float, str]]:
+    """``(case, mode, ratio name, first, second, marks)`` for every ratio both runs have; the
+    marks are each run's, ``A/B``, empty where neither is marked."""
+    later = {(r["case"], r["mode"]): r for r in second["results"]}
     rows = []
     for record in first["results"]:
         key = (record["case"], record["mode"])
+        other = later.get(key)
+        both = (
+            f"{marks(record)}/{marks(other)}" if other and (marks(record) or marks(other)) else ""
+        )
         for name, value in ratios(record).items():
-            if name in later.get(key, {}):
-                rows.append((*key, name, value, later[key][name]))
+            if other and name in ratios(other):
+                rows.append((*key, name, value, ratios(other)[name], both))
     return rows
 
 
@@ -44,9 +58,11 @@ def main(argv: list[str]) -> int:
     first, second = (json.loads(Path(p).read_text()) for p in argv)
     rows = spread(first, second)
     print(f"A: {argv[0]} ({first.get('date')}); B: {argv[1]} ({second.get('date')})")
-    print("| case | mode | ratio | A | B | B - A |\n|---|---|---|---|---|---|")
-    for case, mode, name, a, b in rows:
-        print(f"| {case} | {mode} | {name} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+    print("| case | mode | ratio | A | B | B - A | marks A/B |\n|---|---|---|---|---|---|---|")
+    for case, mode, name, a, b, marked in rows:
+        print(f"| {case} | {mode} | {name} | {a:.2f} | {b:.2f} | {b - a:+.2f} | {marked} |")
+    if any(row[5] for row in rows):
+        print("marked: * under load, ~ while the machine ran slow; not a quiet run's spread")
     if rows:
         worst = max(rows, key=lambda r: abs(r[4] - r[3]))
         print(
