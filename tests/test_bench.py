@@ -235,22 +235,31 @@ def test_a_measurement_is_marked_slow_when_its_probe_ran_below_0_9_of_the_runs_f
     assert len(report.load_footnote(both, cores=2).splitlines()) == 2
 
 
-def test_the_probe_is_timed_in_every_sample_after_one_untimed_call():
-    """Whatever ran before a call slows its first iteration; the probe must not count that."""
+@pytest.mark.parametrize("settle_s", [0.0, 0.1])
+def test_the_probe_is_timed_in_every_sample_after_a_pause_and_one_untimed_call(settle_s):
+    """Whatever ran before a call slows it for a while; the probe must not count that."""
     calls = []
 
     def impl():
-        calls.append("impl")
+        calls.append(("impl", time.monotonic()))
 
-    def probe():
-        time.sleep(0.02 if calls[-1:] == ["impl"] else 0.001)  # slow just after the impl
-        calls.append("probe")
+    def probe():  # slow on the call right after the impl, and within 0.05 s of the impl
+        last, at = calls[-1] if calls else ("", 0.0)
+        slow = last == "impl" or time.monotonic() - max(t for n, t in calls if n == "impl") < 0.05
+        time.sleep(0.02 if slow else 0.001)
+        calls.append(("probe", time.monotonic()))
 
     timings = timing.time_round_robin(
-        {"impl": timing.Timed(impl, lambda r: r)}, 3, 0.0, timing.Timed(probe, lambda r: r), 0.0
+        {"impl": timing.Timed(impl, lambda r: r)},
+        3,
+        0.0,
+        timing.Timed(probe, lambda r: r),
+        0.0,
+        settle_s,
     )
     assert len(timings["probe"]["samples_s"]) == 3 and len(timings["impl"]["samples_s"]) == 3
-    assert timings["probe"]["median_s"] < 0.01
+    # Without the pause, the untimed call alone does not get past the slow spell.
+    assert (timings["probe"]["median_s"] < 0.01) is (settle_s > 0.05)
     assert set(timings) == {"impl", "probe"} and "probe" not in timing.time_round_robin({}, 1, 0)
 
 

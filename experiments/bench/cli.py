@@ -50,7 +50,9 @@ def bench_case(
         impls[impl_name] = impl
     # The probe runs in every sample beside them: how fast the machine ran meanwhile.
     probe = machine.gemm_probe()
-    timings = time_round_robin(impls, args.samples, args.sample_s, probe, machine.PROBE_S)
+    timings = time_round_robin(
+        impls, args.samples, args.sample_s, probe, machine.PROBE_S, machine.PROBE_SETTLE_S
+    )
     record |= machine.probe_record(timings.pop("probe"))
     for impl_name, timing in timings.items():
         record["impls"][impl_name] |= timing

@@ -91,8 +91,9 @@ def bench_epoch(args) -> dict:
                 losses[name] = float(loss)  # waits for the epoch
             times[name].append(time.perf_counter() - start)
             print(f"  epoch {s} {name}: {times[name][-1]:.2f} s", flush=True)
-            probed = time_round_robin({}, 3, 0, machine.gemm_probe(), machine.PROBE_S)["probe"]
-            probe_s += probed["samples_s"]
+            probe = machine.gemm_probe()
+            probed = time_round_robin({}, 3, 0, probe, machine.PROBE_S, machine.PROBE_SETTLE_S)
+            probe_s += probed["probe"]["samples_s"]
     rec = {"batches": n_batches, "batch": batch, "check_max_rel_err": err, "compile_s": compile_s}
     rec |= machine.load_since(load)
     rec |= machine.probe_record({"median_s": statistics.median(probe_s), "samples_s": probe_s})

@@ -45,6 +45,7 @@ from experiments.bench.timing import Timed
 OTHERS_FRACTION = 0.25  # marked when other processes kept more than this x the cores busy
 PROBE_SIZE = 1024  # the speed probe: a float32 GEMM of this size cubed (2.1 GFLOP)
 PROBE_S = 0.05  # seconds of probe in each round-robin sample
+PROBE_SETTLE_S = 0.2  # the pause before it, for whatever ran before to settle
 SLOW_FRACTION = 0.9  # marked slow when its probe ran below this x the run's fastest probe
 
 

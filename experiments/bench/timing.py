@@ -63,15 +63,18 @@ def time_round_robin(
     sample_s: float,
     probe: Timed | None = None,
     probe_s: float = 0.05,
+    settle_s: float = 0.2,
 ) -> dict:
     """Median time per iteration of each implementation over `samples` round-robin samples:
     wall clock (``median_s``, what the tables show) and process CPU time (``cpu_median_s``: about
     wall x the number of cores kept busy).
 
     A ``probe`` is timed too, for about ``probe_s`` at the start of every sample, under
-    ``"probe"``: a fixed workload whose time tells how fast the machine ran meanwhile. One
-    untimed call comes first, since whatever ran before any call slows its first iteration (on a
-    2-core Zen 3, a 1024^3 GEMM's first iteration after a flax train step took twice its time).
+    ``"probe"``: a fixed workload whose time tells how fast the machine ran meanwhile. A pause of
+    ``settle_s`` and one untimed call come first, so that what ran before it has settled: on a
+    2-core Zen 3, right after a flax or lax.scan train step of the wide case, a 1024^3 GEMM ran
+    30-45 % slower for several iterations than after torch's (``python -m
+    experiments.perf.probe_settle wide train 0.2 4``), and a first iteration is slower after any.
     """
     iters = {name: _iterations(impl, sample_s) for name, impl in impls.items()}
     times, cpu = {name: [] for name in impls}, {name: [] for name in impls}
@@ -80,6 +83,7 @@ def time_round_robin(
     order = list(impls)
     for s in range(samples):
         if probe:
+            time.sleep(settle_s)
             probe.sync(probe.run())
             probe_times.append(_sample(probe, probe_iters)[0])
         first = s % max(1, len(order))

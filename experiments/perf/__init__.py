@@ -18,4 +18,6 @@ says which, and the command). They time jlstm through its public API on experime
 - ``cpu_devices``: one virtual CPU device per core, the batch split with ``shard_map``.
 - ``profile_case``: one case's jitted step in a loop, for ``perf record``.
 - ``triton_cubin``: the Pallas kernels compiled to sm_90 machine code; registers and shared memory.
+- ``probe_settle``: ``make bench``'s speed probe right after each implementation of a case, with
+  and without a pause first.
 """
