@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.bench.report import marks
+
 RATIOS = (("jlstm", "torch"), ("jlstm", "flax"))
 
 
@@ -25,15 +27,6 @@ def ratios(record: dict) -> dict[str, float]:
     return {f"{a}/{b}": t[a] / t[b] for a, b in RATIOS if t.get(a) and t.get(b)}
 
 
-def marks(record: dict) -> str:
-    """The marks of a measurement taken under load (``*``) or while the machine ran slow (``~``).
-
-    >>> marks({"loaded": False, "slow": True}), marks({"loaded": False})
-    ('~', '')
-    """
-    return ("*" if record.get("loaded") else "") + ("~" if record.get("slow") else "")
-
-
 def spread(first: dict, second: dict) -> list[tuple[str, str, str, float, float, str]]:
     """``(case, mode, ratio name, first, second, marks)`` for every ratio both runs have; the
     marks are each run's, ``A/B``, empty where neither is marked."""
@@ -41,13 +34,13 @@ def spread(first: dict, second: dict) -> list[tuple[str, str, str, float, float,
     rows = []
     for record in first["results"]:
         key = (record["case"], record["mode"])
-        other = later.get(key)
-        both = (
-            f"{marks(record)}/{marks(other)}" if other and (marks(record) or marks(other)) else ""
-        )
+        if (other := later.get(key)) is None:
+            continue
+        both = f"{marks(record)}/{marks(other)}" if marks(record) or marks(other) else ""
+        other_ratios = ratios(other)
         for name, value in ratios(record).items():
-            if other and name in ratios(other):
-                rows.append((*key, name, value, ratios(other)[name], both))
+            if name in other_ratios:
+                rows.append((*key, name, value, other_ratios[name], both))
     return rows
 
 

@@ -20,6 +20,15 @@ def fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def marks(record: dict) -> str:
+    """The marks of a measurement taken under load or while the machine ran slow.
+
+    >>> marks({"loaded": True, "slow": True}), marks({"loaded": False})
+    ('*~', '')
+    """
+    return (LOADED_MARK if record.get("loaded") else "") + (SLOW_MARK if record.get("slow") else "")
+
+
 def load_cell(record: dict) -> str:
     """The 1-minute load before–after a measurement (the benchmark's own threads included), the
     cores other processes kept busy meanwhile, and the machine's speed (its GEMM probe over the
@@ -39,8 +48,8 @@ def load_cell(record: dict) -> str:
         loads += f"; speed {record['speed']:.2f}"
     elif record.get("probe_gflops") is not None:
         loads += f"; probe {record['probe_gflops']:.0f} GFLOP/s"
-    marks = (LOADED_MARK if record["loaded"] else "") + (SLOW_MARK if record.get("slow") else "")
-    return loads + (f" {marks}" if marks else "")
+    marked = marks(record)
+    return loads + (f" {marked}" if marked else "")
 
 
 def load_footnote(records: list[dict], cores: int) -> str:
