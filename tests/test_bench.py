@@ -3,8 +3,10 @@ before timing; the JSON holds medians, the load and the train-step memory table)
 the case table, the flags, the load marks, the CPU description and the cuDNN weight layout."""
 
 import doctest
+import itertools
 import json
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -261,6 +263,22 @@ def test_the_probe_is_timed_in_every_sample_after_a_pause_and_one_untimed_call(s
     # Without the pause, the untimed call alone does not get past the slow spell.
     assert (timings["probe"]["median_s"] < 0.01) is (settle_s > 0.05)
     assert set(timings) == {"impl", "probe"} and "probe" not in timing.time_round_robin({}, 1, 0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+def test_each_implementation_follows_every_other_equally_often(n):
+    """A fixed cyclic order would time B right after A in every sample, and never after C."""
+    calls = []
+    impls = {f"i{k}": timing.Timed(lambda k=k: calls.append(k), lambda r: r) for k in range(n)}
+    cycle = n if n % 2 == 0 else 2 * n
+    timing.time_round_robin(impls, 2 * cycle, 0.0)
+    ran = calls[2 * n :]  # after the warm-up and timing calls of _iterations
+    samples = [ran[s * n : (s + 1) * n] for s in range(2 * cycle)]
+    assert all(sorted(sample) == list(range(n)) for sample in samples)
+    firsts = Counter(sample[0] for sample in samples)
+    follows = Counter((a, b) for sample in samples for a, b in itertools.pairwise(sample))
+    assert firsts == {k: 2 * cycle // n for k in range(n)}
+    assert follows == {(a, b): 2 * cycle // n for a in range(n) for b in range(n) if a != b}
 
 
 def test_the_gemm_probe_times_a_real_product():

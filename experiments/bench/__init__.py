@@ -7,8 +7,9 @@
 Every implementation gets the same weights (torch's ``state_dict``, converted with
 ``jlstm.from_torch`` and into flax's parameter tree) and must agree with torch, outputs and
 gradients, before it is timed. Timing is round-robin in one process: each sample runs every
-implementation once for a few iterations, the starting implementation rotating; a case reports the
-median over samples of the time per iteration, and ratios to torch measured side by side. JAX
+implementation once for a few iterations, in an order that changes from sample to sample; a case
+reports the median over samples of the time per iteration, and ratios to torch measured side by
+side. JAX
 compile time (trace + lower + compile) is measured apart. "fwd" is the forward pass (torch under
 ``inference_mode``); "train" is forward + backward of ``sum(output * cotangent)``, gradients with
 respect to the parameters and the input. Results print as a markdown table and go to

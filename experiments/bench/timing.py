@@ -1,8 +1,9 @@
 """Comparing results, and timing implementations round-robin in one process.
 
-Each sample runs every implementation once for a few iterations, the starting implementation
-rotating, so that a slow spell of the machine falls on all of them; a case reports the median over
-samples of the time per iteration (wall clock, and the process' CPU time beside it). Nothing here
+Each sample runs every implementation once for a few iterations, so that a slow spell of the
+machine falls on all of them, in an order that changes from sample to sample (:func:`orders`);
+a case reports the median over samples of the time per iteration (wall clock, and the process'
+CPU time beside it). Nothing here
 imports torch or JAX, so the perf scripts that profile jlstm alone use it too.
 """
 
@@ -38,6 +39,27 @@ def max_rel_err(got: dict, want: dict) -> float:
             raise ValueError(f"{k}: shape {g.shape} != torch's {w.shape}")
         errs.append(np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-30))
     return float(max(errs))
+
+
+def orders(n: int, samples: int) -> list[list[int]]:
+    """The order of ``n`` implementations in each of ``samples`` samples: rows of a Williams
+    design, so that every implementation comes first equally often and, over every ``n`` samples
+    (``2 n`` for odd ``n``), right after each other implementation equally often. Whatever ran just
+    before a call can slow it or speed it up for a while; a fixed cyclic order (B always after A)
+    would hand each implementation the same neighbour in every sample, and a bias to its ratios.
+
+    >>> orders(4, 5)
+    [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1], [0, 1, 3, 2]]
+    >>> orders(3, 6)
+    [[0, 1, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0], [0, 2, 1], [1, 0, 2]]
+    """
+    first = [0]
+    for k in range(1, n):
+        first.append((k + 1) // 2 if k % 2 else n - k // 2)
+    rows = [[(j + i) % n for j in first] for i in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [rows[s % len(rows)] for s in range(samples)] if n else [[] for _ in range(samples)]
 
 
 def _iterations(impl: Timed, sample_s: float) -> int:
@@ -80,14 +102,13 @@ def time_round_robin(
     times, cpu = {name: [] for name in impls}, {name: [] for name in impls}
     probe_times = []
     probe_iters = probe and _iterations(probe, probe_s)
-    order = list(impls)
-    for s in range(samples):
+    names = list(impls)
+    for order in orders(len(names), samples):
         if probe:
             time.sleep(settle_s)
             probe.sync(probe.run())
             probe_times.append(_sample(probe, probe_iters)[0])
-        first = s % max(1, len(order))
-        for name in order[first:] + order[:first]:
+        for name in (names[i] for i in order):
             wall, cpu_s = _sample(impls[name], iters[name])
             times[name].append(wall)
             cpu[name].append(cpu_s)

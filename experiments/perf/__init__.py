@@ -20,4 +20,5 @@ says which, and the command). They time jlstm through its public API on experime
 - ``triton_cubin``: the Pallas kernels compiled to sm_90 machine code; registers and shared memory.
 - ``probe_settle``: ``make bench``'s speed probe right after each implementation of a case, with
   and without a pause first.
+- ``order_effect``: each implementation's time right after each other one, and settled.
 """

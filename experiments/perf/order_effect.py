@@ -1,0 +1,99 @@
+"""Backs the order of ``make bench``'s round-robin: whether an implementation's time depends on
+which implementation ran just before it.
+
+    python -m experiments.perf.order_effect mnist,small train 3
+
+For every case and each of ``rounds`` rounds, every implementation X (torch, jlstm, jlstm-fused,
+flax; checked against torch as ``make bench`` does) runs ``CHUNKS`` chunks of about ``CHUNK_S``
+seconds each, synced at the end of each chunk, right after each implementation Y ran for as long
+(Y = X: X's steady state), and after a pause of ``PAUSE_S`` seconds and one untimed call of X
+("settled"). Printed: the median over rounds of X's time per iteration in each chunk relative to
+X's steady time, and the jlstm/torch and jlstm/flax ratios each way. If X's figures after one Y
+differ from those after another by more than the rounds' range, what ran before changes what the
+bench measures, and an order that always times X after the same Y biases its ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+from experiments.bench import adapters
+from experiments.bench.cases import CASES
+from experiments.bench.timing import _iterations, _sample, max_rel_err
+
+IMPLS = ("torch", "jlstm", "jlstm-fused", "flax")
+CHUNK_S = 0.1
+CHUNKS = 4
+PAUSE_S = 0.5
+
+
+def case_impls(name: str, mode: str) -> dict:
+    case = CASES[name]
+    module, x, cot = adapters.setup(case, "cpu")
+    impls = {n: adapters.make_impl(n, case, mode, module, x, cot, "cpu") for n in IMPLS}
+    reference = impls["torch"].result(impls["torch"].sync(impls["torch"].run()))
+    for n, impl in impls.items():
+        err = max_rel_err(impl.result(impl.sync(impl.run())), reference)
+        if err > adapters.tolerance():
+            raise SystemExit(f"{n} disagrees with torch: max relative error {err:.1e}")
+    return impls
+
+
+def measure(impls: dict, rounds: int) -> dict:
+    """``{(before, x): [[seconds per iteration in each chunk], one list per round]}``: ``before``
+    (an implementation, or "settled") runs, then X runs ``CHUNKS`` chunks of ``CHUNK_S``."""
+    iters = {n: _iterations(impl, CHUNK_S) for n, impl in impls.items()}
+    times = {}
+    pairs = [(y, x) for y in ("settled", *impls) for x in impls]
+    for r in range(rounds):
+        # Each round starts elsewhere in the pairs, so that a slow spell falls on all of them.
+        first = r * len(pairs) // rounds
+        for y, x in pairs[first:] + pairs[:first]:
+            if y == "settled":
+                time.sleep(PAUSE_S)
+                impls[x].sync(impls[x].run())
+            else:
+                for _ in range(CHUNKS):
+                    _sample(impls[y], iters[y])
+            chunks = [_sample(impls[x], iters[x])[0] for _ in range(CHUNKS)]
+            times.setdefault((y, x), []).append(chunks)
+    return times
+
+
+def report(name: str, mode: str, times: dict, impls: dict) -> None:
+    medians = {k: [statistics.median(c) for c in zip(*v, strict=True)] for k, v in times.items()}
+    steady = {x: statistics.median(medians[x, x][1:]) for x in impls}
+    print(
+        f"\n{name} {mode}: X's time per iteration in {CHUNKS} chunks of {CHUNK_S} s right after Y, "
+        f"over X's steady time (X after X, chunks 2-{CHUNKS}); medians of {len(next(iter(times.values())))} "
+        "rounds, and the rounds' range of X's first chunk after X"
+    )
+    for x in impls:
+        own = [r[0] / steady[x] for r in times[x, x]]
+        print(f"  X = {x}: steady {steady[x] * 1e3:.3f} ms, range {min(own):.2f}-{max(own):.2f}")
+        for y in ("settled", *impls):
+            cells = " ".join(f"{c / steady[x]:6.3f}" for c in medians[y, x])
+            print(f"    after {y:12} {cells}")
+    for other in ("torch", "flax"):
+        for chunk in (0, CHUNKS - 1):
+            cells = "  ".join(
+                f"{y} {medians[y, 'jlstm'][chunk] / medians[y, other][chunk]:.3f}"
+                for y in ("settled", *impls)
+            )
+            print(f"  jlstm/{other}, chunk {chunk + 1}, each after: {cells}")
+
+
+def main(names: str, modes: str, rounds: int) -> None:
+    torch.set_num_threads(2)
+    for name in names.split(","):
+        for mode in modes.split(","):
+            impls = case_impls(name, mode)
+            report(name, mode, measure(impls, rounds), impls)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
