@@ -16,7 +16,8 @@ respect to the parameters and the input. Results print as a markdown table and g
 ``runs/bench/bench.json``. Each measurement records the machine's 1-minute load before and after
 it and the cores other processes kept busy meanwhile; one taken while they kept more than a quarter
 of the cores busy is marked ``*`` (``"loaded": true``); one whose GEMM probe, timed in every
-sample, ran below 0.9 of the run's fastest is marked ``~`` (``"slow": true``). On CPU the run first
+sample, ran below 0.9 of the run's fastest is marked ``~`` (``"slow": true``). A marked measurement
+is taken again, up to ``--retries`` times, keeping the try the machine ran fastest in. On CPU the run first
 measures the machine's float32 GEMM peak (torch, XLA and numpy; ``--no-peak`` skips it) and holds
 each case against it.
 

@@ -62,6 +62,53 @@ def bench_case(
     return record | machine.load_since(load)
 
 
+def keep_faster(tries: list[dict]) -> dict:
+    """Of one case's tries, the one measured while the machine ran fastest: unloaded before loaded,
+    then the fastest probe. Which try is kept depends on the machine's speed only, never on the
+    times measured; the others go under its ``"other_tries"``.
+
+    >>> kept = keep_faster([{"loaded": False, "probe_gflops": 120.0}, {"loaded": True,
+    ...     "probe_gflops": 170.0}, {"loaded": False, "probe_gflops": 160.0}])
+    >>> kept["probe_gflops"], kept["try"], kept["tries"], len(kept["other_tries"])
+    (160.0, 3, 3, 2)
+    """
+    tries = [
+        {k: v for k, v in r.items() if k not in ("try", "tries", "other_tries")} for r in tries
+    ]
+    for number, record in enumerate(tries, 1):
+        record["try"] = number
+    best = max(tries, key=lambda r: (not r["loaded"], r.get("probe_gflops") or 0.0))
+    others = [r for r in tries if r is not best]
+    return best | {"tries": len(tries), "other_tries": others}
+
+
+def measure_marked_again(results: list[dict], epoch: dict | None, timed, args, gemm_peak):
+    """Measures again, up to ``args.retries`` times, each case and mode (and the MNIST epoch) that
+    came out marked, under load or slow, and keeps of its tries the one :func:`keep_faster` picks;
+    the marks are set again over the whole run after each round. Returns the epoch's record."""
+    tries = {}
+    for attempt in range(2, args.retries + 2):
+        marked = [i for i, r in enumerate(results) if report.marks(r)]
+        epoch_marked = epoch is not None and report.marks(epoch)
+        if not marked and not epoch_marked:
+            break
+        names = [f"{results[i]['case']} {results[i]['mode']}" for i in marked]
+        names += ["the MNIST epoch"] if epoch_marked else []
+        print(f"\nmarked, measured again (try {attempt}): {', '.join(names)}", flush=True)
+        for i in marked:
+            name, mode = results[i]["case"], results[i]["mode"]
+            print(f"{name} {mode} {tuple(CASES[name])}, try {attempt}", flush=True)
+            again = bench_case(name, CASES[name], mode, args.impls, args, gemm_peak)
+            tries.setdefault(i, [results[i]]).append(again)
+            results[i] = keep_faster(tries[i])
+            print(report.table([again]).splitlines()[-1], flush=True)
+        if epoch_marked:
+            tries.setdefault("epoch", [epoch]).append(bench_epoch(args))
+            epoch = keep_faster(tries["epoch"])
+        machine.mark_slow(timed(epoch))
+    return epoch
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=bench.__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -75,6 +122,11 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, help="round-robin samples per case (default 9, quick 3)")
     p.add_argument("--sample-s", type=float, help="seconds per sample (default 0.2, quick 0.05)")
     p.add_argument("--epoch-samples", type=int, help="MNIST epochs per framework (default 3)")
+    p.add_argument(
+        "--retries",
+        type=int,
+        help="times a measurement marked under load or slow is taken again (default 2, quick 0)",
+    )
     p.add_argument("--no-epoch", action="store_true", help="skip the MNIST training epoch")
     p.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--torch-device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,6 +147,10 @@ def parse_args(argv=None):
     args.samples = args.samples or (3 if args.quick else 9)
     args.sample_s = args.sample_s or (0.05 if args.quick else 0.2)
     args.epoch_samples = args.epoch_samples or (1 if args.quick else 3)
+    if args.retries is None:
+        args.retries = 0 if args.quick else 2
+    elif args.retries < 0:
+        p.error(f"--retries must be 0 or more (how often to measure again), got {args.retries}")
     args.memory_cases = [] if args.no_memory else args.memory_cases.split(",")
     for value, allowed in [
         (args.cases, CASES),
@@ -147,9 +203,14 @@ def main(argv=None):
             record |= peak.judge(record, CASES[record["case"]], record["mode"], gemm_peak)
     epoch = None if args.no_epoch else bench_epoch(args)
     memory = bench_memory(args)
+
+    def timed(epoch):  # every measurement with a load record, the GEMM peak's included
+        return results + ([epoch] if epoch else []) + ([gemm_peak] if gemm_peak else [])
+
+    machine.mark_slow(timed(epoch))
+    epoch = measure_marked_again(results, epoch, timed, args, gemm_peak)
+    timed = timed(epoch)
     env["total_s"] = time.perf_counter() - start
-    timed = results + ([epoch] if epoch else []) + ([gemm_peak] if gemm_peak else [])
-    machine.mark_slow(timed)
     cores = os.cpu_count() or 1
     print("\n" + report.table(results))
     if gemm_peak is not None:

@@ -138,14 +138,15 @@ def probe_record(timing: dict) -> dict:
 
 def mark_slow(records: list[dict]) -> None:
     """Sets ``speed``, a record's probe GFLOP/s over the fastest of the run, and ``slow`` (below
-    :data:`SLOW_FRACTION`) on every record that has a probe.
+    :data:`SLOW_FRACTION`) on every record that has a probe, and on the tries each replaced.
 
     >>> records = [{"probe_gflops": 180.0}, {"probe_gflops": 150.0}, {"peak_gflops": 190.0}]
     >>> mark_slow(records)
     >>> [(r.get("speed"), r.get("slow")) for r in records]
     [(1.0, False), (0.83, True), (None, None)]
     """
-    probed = [r for r in records if r.get("probe_gflops")]
+    every = [t for r in records for t in (r, *r.get("other_tries", ()))]  # discarded tries too
+    probed = [r for r in every if r.get("probe_gflops")]
     fastest = max((r["probe_gflops"] for r in probed), default=None)
     for r in probed:
         speed = r["probe_gflops"] / fastest

@@ -40,6 +40,8 @@ def load_cell(record: dict) -> str:
     >>> quiet = {"load_avg_1m": 2.0, "load_avg_1m_end": 2.1, "others_cores": 0.0, "loaded": False}
     >>> load_cell(quiet | {"probe_gflops": 171.2}), load_cell(quiet | {"speed": 0.8, "slow": True})
     ('2.0–2.1, others 0.00; probe 171 GFLOP/s', '2.0–2.1, others 0.00; speed 0.80 ~')
+    >>> load_cell(quiet | {"speed": 0.95, "slow": False, "try": 2, "tries": 3})
+    '2.0–2.1, others 0.00; speed 0.95; try 2 of 3'
     """
     loads = f"{record['load_avg_1m']:.1f}–{record['load_avg_1m_end']:.1f}"
     if record.get("others_cores") is not None:
@@ -48,12 +50,15 @@ def load_cell(record: dict) -> str:
         loads += f"; speed {record['speed']:.2f}"
     elif record.get("probe_gflops") is not None:
         loads += f"; probe {record['probe_gflops']:.0f} GFLOP/s"
+    if record.get("tries", 1) > 1:
+        loads += f"; try {record['try']} of {record['tries']}"
     marked = marks(record)
     return loads + (f" {marked}" if marked else "")
 
 
 def load_footnote(records: list[dict], cores: int) -> str:
-    """What the marks mean, for those ``records`` carry; else the empty string."""
+    """What the marks mean, for those ``records`` carry, and that some were measured again; else
+    the empty string."""
     notes = []
     if any(r["loaded"] for r in records):
         notes.append(
@@ -66,6 +71,12 @@ def load_footnote(records: list[dict], cores: int) -> str:
             f"{SLOW_MARK} measured while the machine ran slow: its GEMM probe ran below "
             f"{SLOW_FRACTION} x the run's fastest (a neighbour on the host's cores, unseen in the "
             "load); publish no figure from it"
+        )
+    if any(r.get("tries", 1) > 1 for r in records):
+        notes.append(
+            "try k of n: measured again after it came out marked, n tries in all; kept is the try "
+            "taken while the machine ran fastest by its probe, never chosen by the times (the "
+            "JSON's other_tries has the rest)"
         )
     return "\n".join(notes)
 
