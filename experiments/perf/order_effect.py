@@ -2,6 +2,7 @@
 which implementation ran just before it.
 
     python -m experiments.perf.order_effect mnist,small train 3
+    python -m experiments.perf.order_effect medium fwd 4 schedules
 
 For every case and each of ``rounds`` rounds, every implementation X (torch, jlstm, jlstm-fused,
 flax; checked against torch as ``make bench`` does) runs ``CHUNKS`` chunks of about ``CHUNK_S``
@@ -11,6 +12,12 @@ seconds each, synced at the end of each chunk, right after each implementation Y
 X's steady time, and the jlstm/torch and jlstm/flax ratios each way. If X's figures after one Y
 differ from those after another by more than the rounds' range, what ran before changes what the
 bench measures, and an order that always times X after the same Y biases its ratios.
+
+With ``schedules``, each round instead runs ``make bench``'s round-robin (9 samples of 0.2 s) twice,
+once in the rotation runs before 2026-12-04 used (the starting implementation moving on by one
+each sample, so jlstm always right after torch) and once in today's Williams rows
+(``experiments.bench.timing.orders``), and prints each schedule's jlstm/torch and jlstm/flax ratios
+per round and their medians.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import time
 
 import torch
 
-from experiments.bench import adapters
+from experiments.bench import adapters, timing
 from experiments.bench.cases import CASES
 from experiments.bench.timing import _iterations, _sample, max_rel_err
 
@@ -87,13 +94,39 @@ def report(name: str, mode: str, times: dict, impls: dict) -> None:
             print(f"  jlstm/{other}, chunk {chunk + 1}, each after: {cells}")
 
 
-def main(names: str, modes: str, rounds: int) -> None:
+def rotation(n: int, samples: int) -> list[list[int]]:
+    """The order of the rotation: ``[[0, 1, 2], [1, 2, 0], [2, 0, 1], ...]``."""
+    return [[(s + j) % n for j in range(n)] for s in range(samples)]
+
+
+def schedules(name: str, mode: str, impls: dict, rounds: int) -> None:
+    williams, ratios = timing.orders, {"rotation": [], "williams": []}
+    for r in range(rounds):
+        for schedule in ("rotation", "williams") if r % 2 == 0 else ("williams", "rotation"):
+            timing.orders = rotation if schedule == "rotation" else williams
+            try:
+                t = timing.time_round_robin(impls, 9, 0.2)
+            finally:
+                timing.orders = williams
+            jlstm = t["jlstm"]["median_s"]
+            ratios[schedule].append((jlstm / t["torch"]["median_s"], jlstm / t["flax"]["median_s"]))
+    print(f"\n{name} {mode}: jlstm/torch, jlstm/flax of make bench's round-robin, per round")
+    for schedule, runs in ratios.items():
+        cells = "  ".join(f"{a:.3f} {b:.3f}" for a, b in runs)
+        medians = [statistics.median(column) for column in zip(*runs, strict=True)]
+        print(f"  {schedule:9} {cells}   median {medians[0]:.3f} {medians[1]:.3f}")
+
+
+def main(names: str, modes: str, rounds: int, what: str = "pairs") -> None:
     torch.set_num_threads(2)
     for name in names.split(","):
         for mode in modes.split(","):
             impls = case_impls(name, mode)
-            report(name, mode, measure(impls, rounds), impls)
+            if what == "schedules":
+                schedules(name, mode, impls, rounds)
+            else:
+                report(name, mode, measure(impls, rounds), impls)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
