@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import math
 import os
 import platform
 import subprocess
@@ -140,17 +141,19 @@ def mark_slow(records: list[dict]) -> None:
     """Sets ``speed``, a record's probe GFLOP/s over the fastest of the run, and ``slow`` (below
     :data:`SLOW_FRACTION`) on every record that has a probe, and on the tries each replaced.
 
-    >>> records = [{"probe_gflops": 180.0}, {"probe_gflops": 150.0}, {"peak_gflops": 190.0}]
+    >>> records = [{"probe_gflops": 180.0}, {"probe_gflops": 161.5}, {"peak_gflops": 190.0}]
     >>> mark_slow(records)
     >>> [(r.get("speed"), r.get("slow")) for r in records]
-    [(1.0, False), (0.83, True), (None, None)]
+    [(1.0, False), (0.89, True), (None, None)]
     """
     every = [t for r in records for t in (r, *r.get("other_tries", ()))]  # discarded tries too
     probed = [r for r in every if r.get("probe_gflops")]
     fastest = max((r["probe_gflops"] for r in probed), default=None)
     for r in probed:
         speed = r["probe_gflops"] / fastest
-        r |= {"speed": round(speed, 2), "slow": speed < SLOW_FRACTION}
+        # Rounded down, so that a slow one never reads as the threshold itself (0.897 as 0.90).
+        shown = math.floor(speed * 100 + 1e-9) / 100
+        r |= {"speed": shown, "slow": speed < SLOW_FRACTION}
 
 
 def cpu_info(cpuinfo: str) -> dict:
