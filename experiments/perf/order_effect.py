@@ -30,24 +30,12 @@ import torch
 
 from experiments.bench import adapters, timing
 from experiments.bench.cases import CASES
-from experiments.bench.timing import _iterations, _sample, max_rel_err
+from experiments.bench.timing import _iterations, _sample
 
 IMPLS = ("torch", "jlstm", "jlstm-fused", "flax")
 CHUNK_S = 0.1
 CHUNKS = 4
 PAUSE_S = 0.5
-
-
-def case_impls(name: str, mode: str) -> dict:
-    case = CASES[name]
-    module, x, cot = adapters.setup(case, "cpu")
-    impls = {n: adapters.make_impl(n, case, mode, module, x, cot, "cpu") for n in IMPLS}
-    reference = impls["torch"].result(impls["torch"].sync(impls["torch"].run()))
-    for n, impl in impls.items():
-        err = max_rel_err(impl.result(impl.sync(impl.run())), reference)
-        if err > adapters.tolerance():
-            raise SystemExit(f"{n} disagrees with torch: max relative error {err:.1e}")
-    return impls
 
 
 def measure(impls: dict, rounds: int) -> dict:
@@ -121,7 +109,7 @@ def main(names: str, modes: str, rounds: int, what: str = "pairs") -> None:
     torch.set_num_threads(2)
     for name in names.split(","):
         for mode in modes.split(","):
-            impls = case_impls(name, mode)
+            impls = adapters.checked_impls(CASES[name], mode, IMPLS)
             if what == "schedules":
                 schedules(name, mode, impls, rounds)
             else:

@@ -22,7 +22,6 @@ import torch
 
 from experiments.bench import adapters, machine
 from experiments.bench.cases import CASES
-from experiments.bench.timing import max_rel_err
 
 IMPLS = ("torch", "jlstm", "jlstm-fused", "flax")
 ITERATIONS = 5
@@ -40,14 +39,7 @@ def probe_rates(probe, pause: float) -> list[float]:
 
 def main(name: str, mode: str, pause: float, rounds: int) -> None:
     torch.set_num_threads(2)
-    case = CASES[name]
-    module, x, cot = adapters.setup(case, "cpu")
-    impls = {n: adapters.make_impl(n, case, mode, module, x, cot, "cpu") for n in IMPLS}
-    reference = impls["torch"].result(impls["torch"].sync(impls["torch"].run()))
-    for n, impl in impls.items():
-        err = max_rel_err(impl.result(impl.sync(impl.run())), reference)
-        if err > adapters.tolerance():
-            raise SystemExit(f"{n} disagrees with torch: max relative error {err:.1e}")
+    impls = adapters.checked_impls(CASES[name], mode, IMPLS)
     probe = machine.gemm_probe()
     probe.sync(probe.run())
     rates = {(p, n): [] for p in (0.0, pause) for n in impls}
