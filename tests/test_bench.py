@@ -151,12 +151,12 @@ def test_marked_measurements_are_taken_again_keeping_the_fastest_machine(
     ]
     epoch = fake_record("epoch", "", 190.0, 2.5, loaded=True)
 
-    def timed(epoch):
+    def measurements(epoch):
         return [*results, epoch]
 
-    machine.mark_slow(timed(epoch))
+    machine.mark_slow(measurements(epoch))
     args = cli.parse_args(["--retries", str(retries)])
-    epoch = cli.measure_marked_again(results, epoch, timed, args, None)
+    epoch = cli.measure_marked_again(results, epoch, measurements, args, None)
     fwd, train = results
     assert calls == [("mnist", "train")] * retries and "tries" not in fwd
     if retries == 0:

@@ -82,10 +82,13 @@ def keep_faster(tries: list[dict]) -> dict:
     return best | {"tries": len(tries), "other_tries": others}
 
 
-def measure_marked_again(results: list[dict], epoch: dict | None, timed, args, gemm_peak):
+def measure_marked_again(
+    results: list[dict], epoch: dict | None, measurements, args, gemm_peak
+) -> dict | None:
     """Measures again, up to ``args.retries`` times, each case and mode (and the MNIST epoch) that
     came out marked, under load or slow, and keeps of its tries the one :func:`keep_faster` picks;
-    the marks are set again over the whole run after each round. Returns the epoch's record."""
+    the marks are set again over ``measurements(epoch)``, the whole run, after each round. Returns
+    the epoch's record."""
     tries = {}
     for attempt in range(2, args.retries + 2):
         marked = [i for i, r in enumerate(results) if report.marks(r)]
@@ -105,7 +108,7 @@ def measure_marked_again(results: list[dict], epoch: dict | None, timed, args, g
         if epoch_marked:
             tries.setdefault("epoch", [epoch]).append(bench_epoch(args))
             epoch = keep_faster(tries["epoch"])
-        machine.mark_slow(timed(epoch))
+        machine.mark_slow(measurements(epoch))
     return epoch
 
 
@@ -204,12 +207,12 @@ def main(argv=None):
     epoch = None if args.no_epoch else bench_epoch(args)
     memory = bench_memory(args)
 
-    def timed(epoch):  # every measurement with a load record, the GEMM peak's included
+    def measurements(epoch):  # every one with a load record, the GEMM peak's included
         return results + ([epoch] if epoch else []) + ([gemm_peak] if gemm_peak else [])
 
-    machine.mark_slow(timed(epoch))
-    epoch = measure_marked_again(results, epoch, timed, args, gemm_peak)
-    timed = timed(epoch)
+    machine.mark_slow(measurements(epoch))
+    epoch = measure_marked_again(results, epoch, measurements, args, gemm_peak)
+    timed = measurements(epoch)
     env["total_s"] = time.perf_counter() - start
     cores = os.cpu_count() or 1
     print("\n" + report.table(results))

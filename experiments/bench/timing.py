@@ -1,10 +1,10 @@
 """Comparing results, and timing implementations round-robin in one process.
 
 Each sample runs every implementation once for a few iterations, so that a slow spell of the
-machine falls on all of them, in an order that changes from sample to sample (:func:`orders`);
-a case reports the median over samples of the time per iteration (wall clock, and the process'
-CPU time beside it). Nothing here
-imports torch or JAX, so the perf scripts that profile jlstm alone use it too.
+machine falls on all of them, in an order that changes from sample to sample (:func:`orders`); a
+case reports the median over samples of the time per iteration (wall clock, and the process' CPU
+time beside it). Nothing here imports torch or JAX, so the perf scripts that profile jlstm alone
+use it too.
 """
 
 from __future__ import annotations
