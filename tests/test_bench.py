@@ -359,6 +359,15 @@ def test_each_implementation_follows_every_other_equally_often(n):
     assert follows == {(a, b): 2 * cycle // n for a in range(n) for b in range(n) if a != b}
 
 
+def test_the_round_robin_takes_each_samples_order_from_its_schedule():
+    calls = []
+    impls = {
+        name: timing.Timed(lambda name=name: calls.append(name), lambda r: r) for name in "abc"
+    }
+    timing.time_round_robin(impls, 2, 0.0, schedule=lambda n, samples: [[2, 0, 1], [1, 2, 0]])
+    assert calls[6:] == ["c", "a", "b", "b", "c", "a"]  # after _iterations' two calls each
+
+
 def test_the_gemm_probe_times_a_real_product():
     probe = machine.gemm_probe()
     got = np.asarray(probe.sync(probe.run()))

@@ -86,6 +86,7 @@ def time_round_robin(
     probe: Timed | None = None,
     probe_s: float = 0.05,
     settle_s: float = 0.2,
+    schedule: Callable[[int, int], list[list[int]]] = orders,
 ) -> dict:
     """Median time per iteration of each implementation over `samples` round-robin samples:
     wall clock (``median_s``, what the tables show) and process CPU time (``cpu_median_s``: about
@@ -97,13 +98,16 @@ def time_round_robin(
     2-core Zen 3, right after a flax or lax.scan train step of the wide case, a 1024^3 GEMM ran
     30-45 % slower for several iterations than after torch's (``python -m
     experiments.perf.probe_settle wide train 0.2 4``), and a first iteration is slower after any.
+
+    ``schedule(n, samples)`` gives each sample's order of the implementations (:func:`orders`;
+    ``experiments.perf.order_effect`` times another against it).
     """
     iters = {name: _iterations(impl, sample_s) for name, impl in impls.items()}
     times, cpu = {name: [] for name in impls}, {name: [] for name in impls}
     probe_times = []
     probe_iters = probe and _iterations(probe, probe_s)
     names = list(impls)
-    for order in orders(len(names), samples):
+    for order in schedule(len(names), samples):
         if probe:
             time.sleep(settle_s)
             probe.sync(probe.run())

@@ -59,12 +59,12 @@ def measure(impls: dict, rounds: int) -> dict:
     return times
 
 
-def report(name: str, mode: str, times: dict, impls: dict) -> None:
+def report(name: str, mode: str, times: dict, impls: dict, rounds: int) -> None:
     medians = {k: [statistics.median(c) for c in zip(*v, strict=True)] for k, v in times.items()}
     steady = {x: statistics.median(medians[x, x][1:]) for x in impls}
     print(
         f"\n{name} {mode}: X's time per iteration in {CHUNKS} chunks of {CHUNK_S} s right after Y, "
-        f"over X's steady time (X after X, chunks 2-{CHUNKS}); medians of {len(next(iter(times.values())))} "
+        f"over X's steady time (X after X, chunks 2-{CHUNKS}); medians of {rounds} "
         "rounds, and the rounds' range of X's first chunk after X"
     )
     for x in impls:
@@ -88,21 +88,18 @@ def rotation(n: int, samples: int) -> list[list[int]]:
 
 
 def schedules(name: str, mode: str, impls: dict, rounds: int) -> None:
-    williams, ratios = timing.orders, {"rotation": [], "williams": []}
+    orders_of = {"rotation": rotation, "williams": timing.orders}
+    ratios = {kind: [] for kind in orders_of}
     for r in range(rounds):
-        for schedule in ("rotation", "williams") if r % 2 == 0 else ("williams", "rotation"):
-            timing.orders = rotation if schedule == "rotation" else williams
-            try:
-                t = timing.time_round_robin(impls, 9, 0.2)
-            finally:
-                timing.orders = williams
+        for kind in list(orders_of)[:: 1 if r % 2 == 0 else -1]:
+            t = timing.time_round_robin(impls, 9, 0.2, schedule=orders_of[kind])
             jlstm = t["jlstm"]["median_s"]
-            ratios[schedule].append((jlstm / t["torch"]["median_s"], jlstm / t["flax"]["median_s"]))
+            ratios[kind].append((jlstm / t["torch"]["median_s"], jlstm / t["flax"]["median_s"]))
     print(f"\n{name} {mode}: jlstm/torch, jlstm/flax of make bench's round-robin, per round")
-    for schedule, runs in ratios.items():
+    for kind, runs in ratios.items():
         cells = "  ".join(f"{a:.3f} {b:.3f}" for a, b in runs)
         medians = [statistics.median(column) for column in zip(*runs, strict=True)]
-        print(f"  {schedule:9} {cells}   median {medians[0]:.3f} {medians[1]:.3f}")
+        print(f"  {kind:9} {cells}   median {medians[0]:.3f} {medians[1]:.3f}")
 
 
 def main(names: str, modes: str, rounds: int, what: str = "pairs") -> None:
@@ -113,7 +110,7 @@ def main(names: str, modes: str, rounds: int, what: str = "pairs") -> None:
             if what == "schedules":
                 schedules(name, mode, impls, rounds)
             else:
-                report(name, mode, measure(impls, rounds), impls)
+                report(name, mode, measure(impls, rounds), impls, rounds)
 
 
 if __name__ == "__main__":
