@@ -5,15 +5,15 @@
 // Why not libm: glibc's vector tanhf (libmvec, `_ZGVdN8v_tanhf_avx2`) is a call per 8 floats, and
 // the sigmoid was built on it (0.5 tanh(x/2) + 0.5). In a `perf record` of the mnist forward on one
 // core of a Zen 3 EPYC (2026-12-02) that tanhf took 18.6 % of the samples against 27.5 % for the
-// GEMM tiles. Per float in a vectorised loop on one core of that EPYC (experiments/perf/
-// gate_math.cc, 22:02 UTC, median of 7 rounds): libmvec's tanhf 1.02 ns and the sigmoid on it
+// GEMM tiles. Per float in a vectorised loop on one core of that EPYC (tools/perf/gate_math.cc,
+// median of 7 rounds): libmvec's tanhf 1.02 ns and the sigmoid on it
 // 1.10 ns; these 0.48 and 0.54 ns.
 //
 // Accuracy, largest error over every 97th float32 bit pattern of either sign, in units in the
 // last place (ulp) of the exact value (tests/gate_math_check.cc; tests/test_native.py holds the
 // bounds): tanh 5.6 ulp (near |x| = 8.5; 3.5 for |x| < 1), sigmoid 2.4 ulp. On the same floats:
 // XLA CPU's own float32 tanh and sigmoid (jnp.tanh, jax.nn.sigmoid: the lax.scan paths', jaxlib
-// 0.10.2) 4.3 and 2.4 ulp, torch's 0.5 and 2.4 ulp (`python -m experiments.perf.gate_accuracy`);
+// 0.10.2) 4.3 and 2.4 ulp, torch's 0.5 and 2.4 ulp (`python -m tools.perf.gate_accuracy`);
 // libmvec's tanhf 1.0 ulp (gate_math.cc).
 //
 // exp: x = n ln2 + r with |r| <= ln2/2 (Cody and Waite's two-part ln2, so n ln2's high part is

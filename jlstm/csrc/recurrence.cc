@@ -165,7 +165,7 @@ using Scratch = std::vector<T, ArenaAllocator<T>>;
 // The register tile: kMR rows x kNV vectors of accumulators. With AVX-512 (32 registers of 64
 // bytes) Vec<T> is one 64-byte register and the tile 8 x 3: 24 accumulators, 11 loads per 24 FMAs
 // (8 x 2 loads 10 per 16: 5-14 % fewer GFLOP/s on one core of a 2-core Intel Xeon, Sapphire
-// Rapids class, on each benchmark case's step shape, 2026-12-02, experiments/perf/tiles.cc).
+// Rapids class, on each benchmark case's step shape, 2026-12-02, tools/perf/tiles.cc).
 // With AVX2 (16 registers of 32 bytes) Vec<T> is one 32-byte register and the tile 6 x 2: 12
 // accumulators, the 2 vectors of B and a broadcast fit the 16. (A 64-byte vector there is two
 // registers, and an 8 x 2 tile of them, 32 accumulators, spilled to the stack on every FMA: built
@@ -344,7 +344,7 @@ class OuterAccumulate {
   // panel, and at an even stride they fall into few sets of the L1 cache, more lines than those
   // sets hold (4 KiB: all in one set of 64, 8 lines; 3 KiB: 4 sets), so every panel of columns
   // read them from L2 again. Odd: the medium case's train step (a 2-core AMD EPYC, Zen 3) took
-  // 0.94 of the time, gru 0.95, long 0.97 (`python -m experiments.perf.profile_case`, 2026-12-03).
+  // 0.94 of the time, gru 0.95, long 0.97 (`python -m tools.perf.profile_case`, 2026-12-03).
   static constexpr int64_t stride(int64_t n) {
     constexpr int64_t line = 64 / sizeof(T);
     return padded(n) / line % 2 ? padded(n) : padded(n) + line;
@@ -516,8 +516,8 @@ void unit_range(int64_t hidden, int k, int n, int64_t& first, int64_t& last) {
 // least 64 rows of gate gradients per pass over a thread's rows (a pass loads and stores every
 // entry: a batch of 1 added one step at a time did one multiply-add per entry per pass; grouped,
 // the batch-1 `small` case's train step takes 0.54-0.72 of the time), at most 16 steps.
-// JLSTM_ACCUMULATION_ROWS overrides the 64 (1: a step at a time), for `python -m
-// experiments.perf.accumulation_rows`, which measures the choice (BENCHMARKS.md).
+// JLSTM_ACCUMULATION_ROWS overrides the 64 (1: a step at a time), to measure the choice again
+// (`python -m tools.perf.profile_case small train 50` under each setting).
 int64_t accumulation_group(int64_t n) {
   static const int64_t rows = [] {
     const char* env = std::getenv("JLSTM_ACCUMULATION_ROWS");
@@ -659,7 +659,7 @@ void lstm_forward_member(const Sizes& z, const Buffers<T>& io, int k, int thread
       }
       // Two loops, with and without the gates' stores: inference stored them into a scratch
       // buffer of N x 4H per thread that nothing read (without: small fwd 0.95 of the time,
-      // wide 0.98, medium and mnist unchanged; Zen 3 EPYC, experiments.perf.profile_case).
+      // wide 0.98, medium and mnist unchanged; Zen 3 EPYC, tools.perf.profile_case).
       auto cell = [&](auto saving) {
 #pragma omp simd
         for (int64_t j = 0; j < nu; ++j) {
@@ -897,7 +897,8 @@ void gru_forward_member(const Sizes& z, const GruBuffers<T>& io, int k, int thre
 // the other. Run one after the other by a team of two, a medium layer's directions (32 x 128 x 128
 // -> 256) wait at 128 barriers each and every step's GEMM is split in two; side by side, two
 // processes of one thread each took 0.94 of the time of one direction after the other on two cores
-// (0.97 with 512 inputs), 2-core Zen 3 EPYC.
+// (0.97 with 512 inputs), 2-core Zen 3 EPYC; one call for both directions took 0.93-0.98 of the
+// time of a call per direction on medium fwd and 0.96-0.99 on gru fwd (alternating calls there).
 //
 // z[d], io[d]: direction d's sizes and buffers (d = 1 reverse); `gates` per unit (LSTM 4, GRU 3),
 // for the flop count that bounds how long the caller waits for helpers; hint(z, io) asks for huge
@@ -1061,7 +1062,7 @@ void gru_backward(ffi::ThreadPool& pool, const Sizes& z, const GruBuffers<T>& io
 // own workers spin for about a tenth of a second after each call). h_{t-1} is read in place: the
 // steps after the first processed pair with hs shifted by one step, the first with h0. On a 2-core
 // AMD EPYC (Zen 3) the wide case's three GEMMs ran at 142-174 GFLOP/s this way against 122-149 as
-// XLA's dots (experiments/perf/sequence_gemms.py, BENCHMARKS.md).
+// XLA's dots (tools/perf/sequence_gemms.py).
 
 // cblas_?gemm with 32-bit integers: order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta,
 // c, ldc.
