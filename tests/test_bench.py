@@ -20,12 +20,12 @@ from experiments.bench import (  # noqa: E402
     adapters,
     cases,
     cli,
-    compare,
     machine,
     peak,
     report,
     timing,
 )
+from tools.perf import compare  # noqa: E402
 
 
 def test_bench_writes_checked_timings_and_memory(tmp_path, capsys, monkeypatch):
@@ -357,15 +357,6 @@ def test_each_implementation_follows_every_other_equally_often(n):
     follows = Counter((a, b) for sample in samples for a, b in itertools.pairwise(sample))
     assert firsts == {k: 2 * cycle // n for k in range(n)}
     assert follows == {(a, b): 2 * cycle // n for a in range(n) for b in range(n) if a != b}
-
-
-def test_the_round_robin_takes_each_samples_order_from_its_schedule():
-    calls = []
-    impls = {
-        name: timing.Timed(lambda name=name: calls.append(name), lambda r: r) for name in "abc"
-    }
-    timing.time_round_robin(impls, 2, 0.0, schedule=lambda n, samples: [[2, 0, 1], [1, 2, 0]])
-    assert calls[6:] == ["c", "a", "b", "b", "c", "a"]  # after _iterations' two calls each
 
 
 def test_the_gemm_probe_times_a_real_product():

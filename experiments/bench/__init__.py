@@ -24,5 +24,5 @@ The package: ``cases`` (the one table of benchmark cases), ``adapters`` (torch, 
 cuDNN on the same weights), ``timing`` (comparison with torch, round-robin timing), ``memory``
 (train-step peak memory), ``epoch`` (a whole MNIST epoch), ``machine`` (CPU, versions, load),
 ``peak`` (the GEMM peak and the targets), ``report`` (tables), ``cli`` (flags; each case checked,
-then timed; the run), ``compare`` (the spread between two runs' JSON files).
+then timed; the run).
 """

@@ -22,7 +22,6 @@ import jlstm
 import jlstm.cudnn
 import jlstm.params
 from experiments.bench.cases import Case, num_directions
-from experiments.bench.timing import max_rel_err
 
 # jlstm: impl="auto" (on CPU the C++ loop of jlstm.native); jlstm-fused: the pure-JAX lax.scan path
 # with the hand-written backward (impl="fused", what auto takes on GPU/TPU).
@@ -263,17 +262,3 @@ def make_impl(name, case, mode, module, x, cot, torch_device, checkpoint_every=N
 
         return jax_impl(jax.grad(loss, argnums=(0, 1)), (w, xb, cotb), result)
     raise ValueError(f"unknown implementation {name!r}; choose from {IMPLS}")
-
-
-def checked_impls(case: Case, mode: str, names, device: str = "cpu") -> dict[str, Impl]:
-    """The implementations ``names`` (torch first) of a case and mode, built from one torch module
-    and each checked against torch as ``make bench`` checks them, for the perf scripts that time
-    them; exits naming the first that disagrees."""
-    module, x, cot = setup(case, device)
-    impls = {n: make_impl(n, case, mode, module, x, cot, device) for n in names}
-    reference = impls["torch"].result(impls["torch"].sync(impls["torch"].run()))
-    for n, impl in impls.items():
-        err = max_rel_err(impl.result(impl.sync(impl.run())), reference)
-        if err > tolerance():
-            raise SystemExit(f"{n} disagrees with torch: max relative error {err:.1e}")
-    return impls

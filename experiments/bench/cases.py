@@ -1,8 +1,8 @@
-"""The benchmark cases: one table, used by ``make bench`` and by the scripts in experiments/perf.
+"""The benchmark cases: one table, used by ``make bench`` and by the tools in tools/perf.
 
 A case is a torch configuration (``torch.nn.LSTM`` or ``torch.nn.GRU``, time-major input of shape
 ``(seq_len, batch, input_size)``); every benchmark gives every implementation the same weights and
-input. This module imports nothing heavy, so the perf scripts can read it before JAX starts.
+input. This module imports nothing heavy, so a tool can read it before JAX starts.
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ CASES = {
     # Streaming / serving: one sequence at a time, each step a matrix-vector product.
     "small": Case("lstm", 1, 256, 64, 256, 1, False),
     "small-gru": Case("gru", 1, 256, 64, 256, 1, False),
-    # Memory-bounded training (experiments.perf.knobs checkpoint); not in make bench's default set.
-    "long-8k": Case("lstm", 8, 8192, 32, 64, 1, False),
 }
-BENCH_CASES = ["mnist", "medium", "long", "wide", "gru", "small", "small-gru"]  # make bench
+BENCH_CASES = list(CASES)  # make bench
 QUICK_CASES = ["mnist", "long", "gru"]  # make bench-quick
 MODES = ["fwd", "train"]
 

@@ -3,8 +3,7 @@
 Each sample runs every implementation once for a few iterations, so that a slow spell of the
 machine falls on all of them, in an order that changes from sample to sample (:func:`orders`); a
 case reports the median over samples of the time per iteration (wall clock, and the process' CPU
-time beside it). Nothing here imports torch or JAX, so the perf scripts that profile jlstm alone
-use it too.
+time beside it). Nothing here imports torch or JAX.
 """
 
 from __future__ import annotations
@@ -46,7 +45,9 @@ def orders(n: int, samples: int) -> list[list[int]]:
     design, so that every implementation comes first equally often and, over every ``n`` samples
     (``2 n`` for odd ``n``), right after each other implementation equally often. Whatever ran just
     before a call can slow it or speed it up for a while; a fixed cyclic order (B always after A)
-    would hand each implementation the same neighbour in every sample, and a bias to its ratios.
+    would hand each implementation the same neighbour in every sample, and a bias to its ratios
+    (on a 2-core Zen 3, medium and mnist fwd gave the same jlstm/torch either way within the
+    rounds' range: this removes the possibility by construction).
 
     >>> orders(4, 5)
     [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1], [0, 1, 3, 2]]
@@ -86,7 +87,6 @@ def time_round_robin(
     probe: Timed | None = None,
     probe_s: float = 0.05,
     settle_s: float = 0.2,
-    schedule: Callable[[int, int], list[list[int]]] = orders,
 ) -> dict:
     """Median time per iteration of each implementation over `samples` round-robin samples:
     wall clock (``median_s``, what the tables show) and process CPU time (``cpu_median_s``: about
@@ -96,18 +96,15 @@ def time_round_robin(
     ``"probe"``: a fixed workload whose time tells how fast the machine ran meanwhile. A pause of
     ``settle_s`` and one untimed call come first, so that what ran before it has settled: on a
     2-core Zen 3, right after a flax or lax.scan train step of the wide case, a 1024^3 GEMM ran
-    30-45 % slower for several iterations than after torch's (``python -m
-    experiments.perf.probe_settle wide train 0.2 4``), and a first iteration is slower after any.
-
-    ``schedule(n, samples)`` gives each sample's order of the implementations (:func:`orders`;
-    ``experiments.perf.order_effect`` times another against it).
+    30-45 % slower for several iterations than after torch's, and a 0.2 s pause brought it back to
+    its speed after torch's; a first iteration is slower after any.
     """
     iters = {name: _iterations(impl, sample_s) for name, impl in impls.items()}
     times, cpu = {name: [] for name in impls}, {name: [] for name in impls}
     probe_times = []
     probe_iters = probe and _iterations(probe, probe_s)
     names = list(impls)
-    for order in schedule(len(names), samples):
+    for order in orders(len(names), samples):
         if probe:
             time.sleep(settle_s)
             probe.sync(probe.run())

@@ -1,9 +1,8 @@
-"""Backs BENCHMARKS.md's profile of the wide case: ``perf record ... python -m
-experiments.perf.profile_case wide fwd 20``. Runs one benchmark case's jitted jlstm step in a loop,
-for a sampling profiler to attach to:
+"""One benchmark case's jitted jlstm step in a loop, timed, for a sampling profiler to attach to:
+``python -m tools.perf.profile_case CASE MODE STEPS [IMPL]``, e.g.
 
     perf record -F 999 -g -o /tmp/wide.data -- \\
-        .venv/bin/python -m experiments.perf.profile_case wide train 20
+        .venv/bin/python -m tools.perf.profile_case wide train 20
     perf report -i /tmp/wide.data --no-children --sort symbol --percent-limit 1 --stdio
 
 Modes: ``fwd``, ``train`` (gradients for the weights and the input, as ``make bench``) and
@@ -19,8 +18,25 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.bench.cases import CASES, flops
-from experiments.perf.common import layer_and_init, problem
+import jlstm
+from experiments.bench.cases import CASES, Case, flops, num_directions
+
+
+def layer_and_init(case: Case):
+    """``(jlstm.lstm, jlstm.init_lstm)`` or the GRU's, for a case's cell."""
+    return {"lstm": (jlstm.lstm, jlstm.init_lstm), "gru": (jlstm.gru, jlstm.init_gru)}[case.cell]
+
+
+def problem(case: Case, seed: int = 0):
+    """``(params, x, cot)``: jlstm's initial weights for the case, a time-major input and an output
+    cotangent (the weights of ``sum(output * cot)``, the loss every train step differentiates)."""
+    _, init = layer_and_init(case)
+    keys = jax.random.split(jax.random.key(seed), 3)
+    sizes = dict(num_layers=case.num_layers, bidirectional=case.bidirectional)
+    params = init(keys[0], case.input_size, case.hidden_size, **sizes)
+    x = jax.random.normal(keys[1], (case.seq_len, case.batch, case.input_size))
+    out = num_directions(case) * case.hidden_size
+    return params, x, jax.random.normal(keys[2], (case.seq_len, case.batch, out))
 
 
 def main(name: str, mode: str, steps: int, impl: str = "auto") -> None:

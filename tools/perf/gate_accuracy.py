@@ -1,5 +1,5 @@
-"""Backs the comparison in jlstm/csrc/gate_math.h's header: ``python -m
-experiments.perf.gate_accuracy``. The largest error, in units in the last place of the exact value,
+"""The comparison in jlstm/csrc/gate_math.h's header: ``python -m tools.perf.gate_accuracy``.
+The largest error, in units in the last place of the exact value,
 of XLA CPU's own float32 ``tanh`` and sigmoid (``jnp.tanh``, ``jax.nn.sigmoid``: what the
 ``lax.scan`` paths compute) and of torch's (when installed), over the floats that
 tests/gate_math_check.cc sweeps for the C++ loop's own: every 97th bit pattern of either sign,

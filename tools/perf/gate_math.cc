@@ -1,7 +1,7 @@
-// Backs the speed and libmvec figures in jlstm/csrc/gate_math.h's header:
+// The speed and libmvec figures of jlstm/csrc/gate_math.h's header:
 //
 //   g++ -O3 -march=native -fno-math-errno -fno-trapping-math -fopenmp-simd -std=c++20 \
-//       -o /tmp/gate_math experiments/perf/gate_math.cc -lmvec
+//       -o /tmp/gate_math tools/perf/gate_math.cc -lmvec
 //   /tmp/gate_math [rounds]
 //
 // 1. Time per float of each gate function in a vectorised loop on one core (4096 floats in

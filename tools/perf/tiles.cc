@@ -1,13 +1,12 @@
-// Backs the register tile and the prefetch distance of PackedB in jlstm/csrc/recurrence.cc:
+// The register tile and the prefetch distance of PackedB in jlstm/csrc/recurrence.cc:
 //
-//   g++ -O3 -march=native -fno-math-errno -o /tmp/tiles experiments/perf/tiles.cc
+//   g++ -O3 -march=native -fno-math-errno -o /tmp/tiles tools/perf/tiles.cc
 //   /tmp/tiles 128 1536 2048        # m k n: wide's step on one thread (2 threads split n)
 //
 // C (m x n) = A (m x k) @ B (k x n) on one core, B packed once into panels of NV SIMD vectors as
 // recurrence.cc packs the weights, every tile MR rows x NV vectors of accumulators looping over the
 // whole k (as the kernel does: a step's k is at most I + 4H). The vectors are as wide as the
-// kernel's on the CPU it is built for: 64 bytes with AVX-512, with variants 8 x 2 (the tile before
-// 2026-12-02), 8 x 3, 8 x 3 prefetching B 8 rows ahead (the AVX-512 tile now) and 12 x 2; 32 bytes
+// kernel's on the CPU it is built for: 64 bytes with AVX-512, with variants 8 x 2, 8 x 3, 8 x 3 prefetching B 8 rows ahead (the AVX-512 tile now) and 12 x 2; 32 bytes
 // without, with variants 6 x 2, 6 x 2 prefetching B 8 rows ahead for every vector, or once per
 // cache line 8 or 16 rows ahead, and 4 x 3 (16 registers: 12 accumulators, the B vectors and a
 // broadcast of A). Rounds

@@ -1,5 +1,5 @@
-"""Backs ``jlstm.native.BLAS_GEMMS``: ``python -m experiments.perf.sequence_gemms [CASES] [ROUNDS]``.
-In one process, for each case:
+"""``jlstm.native.BLAS_GEMMS``, OpenBLAS against XLA: ``python -m tools.perf.sequence_gemms
+[CASES] [ROUNDS]``. In one process, for each case:
 
 - **the GEMMs**: dW_ih, dW_hh and dx of one direction from random gate gradients, as the C++ team's
   OpenBLAS calls (``jlstm.native``'s ``jlstm_sequence_grads``) and in XLA's form (the transposes,
@@ -8,13 +8,15 @@ In one process, for each case:
   bench``'s train), compiled with either, checked to agree, called alternately.
 
 Prints the median time per call of each (the GEMMs also in GFLOP/s) and their ratio
-(experiments.perf.common.alternate_calls), and the train step's temporary buffers (XLA's buffer
+(:func:`alternate_calls`), and the train step's temporary buffers (XLA's buffer
 assignment of the compiled step). Only a backward that hands its gate gradients out (past
 ``WEIGHTS_IN_LOOP_BYTES``: wide, or any case with ``--gates-out``, which sets that limit to 0) has
 these GEMMs.
 """
 
 import argparse
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +24,21 @@ import numpy as np
 
 from experiments.bench.cases import CASES
 from experiments.bench.timing import max_rel_err
-from experiments.perf.common import alternate_calls, layer_and_init, problem
 from jlstm import loops, native
+from tools.perf.profile_case import layer_and_init, problem
+
+
+def alternate_calls(runs: dict, rounds: int) -> dict:
+    """``runs``: name -> zero-argument callable that waits for its result. Calls each once per
+    round, the order reversing from round to round, so that a machine whose speed drifts treats
+    all alike; returns name -> median milliseconds per call."""
+    times = {k: [] for k in runs}
+    for r in range(rounds):
+        for k in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            start = time.perf_counter()
+            runs[k]()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(t) * 1e3 for k, t in times.items()}
 
 
 def _agree(got, want, what: str) -> None:

@@ -1,9 +1,10 @@
-"""``python -m experiments.bench.compare A.json B.json``: how far two ``make bench`` runs lie apart.
+"""``python -m tools.perf.compare A.json B.json``: how far two ``make bench`` runs lie apart.
 
 Prints, for every (case, mode) both runs timed, each run's jlstm/torch and jlstm/flax ratios and
 the difference between them, then the largest difference: the run-to-run spread that a figure from
 one run should be read with. Two consecutive quiet runs on the same machine measure the benchmark's
-own noise; a run before and after a change measures the change against it.
+own noise; a run before and after a change measures the change against it. A run's JSON is
+``runs/bench/bench.json``, or a CPU's committed result in ``benchmarks/results/``.
 """
 
 from __future__ import annotations
