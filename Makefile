@@ -15,7 +15,7 @@ export TFDS_DATA_DIR := $(SHARED_TFDS)
 endif
 endif
 
-.PHONY: install test lint format docs bench bench-quick train-mnist train-regression train-sentiment clean
+.PHONY: install test lint format docs bench bench-quick render train-mnist train-regression train-sentiment clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,24 +40,33 @@ $(VENV)/.docs: $(VENV)/.installed
 	$(PIP) install -q -e '.[docs]'
 	touch $@
 
-# The API site from the docstrings (docs/, Sphinx), offline, warnings as errors: docs/_build/html.
+# The docs site (docs/, Sphinx): the guides and the API reference from the docstrings, offline,
+# warnings as errors, into docs/_build/html.
 docs: $(VENV)/.docs
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check jlstm experiments tests
-	$(VENV)/bin/ruff format --check jlstm experiments tests
+	$(VENV)/bin/ruff check jlstm experiments tests tools
+	$(VENV)/bin/ruff format --check jlstm experiments tests tools
 
 format: $(VENV)/.installed
-	$(VENV)/bin/ruff format jlstm experiments tests
-	$(VENV)/bin/ruff check --fix jlstm experiments tests
+	$(VENV)/bin/ruff format jlstm experiments tests tools
+	$(VENV)/bin/ruff check --fix jlstm experiments tests tools
 
 # Round-robin timing against torch (and flax, and cuDNN on GPU); see BENCHMARKS.md. ARGS="--cases mnist".
+# A full run (every case and mode) replaces this CPU's file in benchmarks/results/, and the pages
+# are rendered again from that folder.
 bench: $(VENV)/.installed $(VENV)/.torch
-	$(PY) -m experiments.bench $(ARGS)
+	$(PY) -m experiments.bench --results-dir benchmarks/results $(ARGS)
+	$(PY) -m experiments.results
 
 bench-quick: $(VENV)/.installed $(VENV)/.torch
 	$(PY) -m experiments.bench --quick $(ARGS)
+
+# BENCHMARKS.md, README's Performance block and experiments/README.md's example outputs, from the
+# committed results (benchmarks/results/, experiments/results/); tests/test_results.py checks them.
+render:
+	$(PYTHON) -m experiments.results
 
 # Row-by-row MNIST LSTM (experiments/mnist.py); writes runs/mnist. ARGS="--epochs 1 ..." passes flags.
 train-mnist: $(VENV)/.installed

@@ -16,6 +16,7 @@ pytest.importorskip("flax")
 pytest.importorskip("optax")
 
 import jlstm  # noqa: E402
+from experiments import results  # noqa: E402
 from experiments.bench import (  # noqa: E402
     adapters,
     cases,
@@ -62,8 +63,9 @@ def test_bench_writes_checked_timings_and_memory(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
     argv = ["--cases", "mnist", "--samples", "2", "--sample-s", "0.01", "--no-epoch"]
     argv += ["--impls", "torch,jlstm,flax", "--memory-cases", "mnist", "--out", str(out)]
-    argv += ["--retries", "1"]
+    argv += ["--retries", "1", "--results-dir", str(tmp_path / "results")]
     assert cli.main(argv) == 0
+    assert not (tmp_path / "results").exists()  # one case: not a full run, no CPU result file
     report_ = json.loads(out.read_text())
     assert [(r["case"], r["mode"]) for r in report_["results"]] == [
         ("mnist", "fwd"),
@@ -117,6 +119,9 @@ def test_bench_writes_checked_timings_and_memory(tmp_path, capsys, monkeypatch):
     assert report.LOADED_MARK not in printed
     assert "~ measured while the machine ran slow" in printed
     assert "WARNING: of 3 measurements, 1 while the machine ran slow (~); rerun on" in printed
+    assert (
+        f"not a full run (every case and mode, peak and epoch): {tmp_path / 'results'}" in printed
+    )
 
 
 def fake_record(case, mode, probe_gflops, jlstm_s, loaded=False):
@@ -374,14 +379,14 @@ def test_cpu_info_reads_the_first_processor():
         "flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
         "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n"
     )
-    info = machine.cpu_info(text)
+    info = results.cpu_info(text)
     assert info == {
         "model": "Intel(R) Xeon(R) Platinum 8488C",
         "avx2": True,
         "avx512f": True,
         "amx": True,
     }
-    assert machine.describe_cpu(info).endswith("(AVX2, AVX-512F, AMX)")
+    assert results.describe_cpu(info).endswith("(AVX2, AVX-512F, AMX)")
 
 
 def test_to_cudnn_lays_out_a_stack_as_jax_experimental_rnn_reads_it():
@@ -408,7 +413,7 @@ def test_gpu_only_columns_are_left_out_on_cpu():
 
 
 @pytest.mark.parametrize(
-    "module", [cases, compare, machine, peak, report, timing], ids=lambda m: m.__name__
+    "module", [cases, compare, machine, peak, report, results, timing], ids=lambda m: m.__name__
 )
 def test_docstring_examples(module):
     """experiments/ is outside the doctest paths (it needs torch); the bench's examples run here."""

@@ -13,6 +13,7 @@ import jax
 import torch
 
 from experiments import bench
+from experiments import results as committed
 from experiments.bench import adapters, machine, peak, report
 from experiments.bench.adapters import IMPLS
 from experiments.bench.cases import BENCH_CASES, CASES, MODES, QUICK_CASES, Case
@@ -135,6 +136,10 @@ def parse_args(argv=None):
     p.add_argument("--torch-device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/bench/bench.json", help="where the JSON goes")
     p.add_argument(
+        "--results-dir",
+        help="a full run also replaces its CPU's result file here (make bench: benchmarks/results)",
+    )
+    p.add_argument(
         "--memory-cases", default="long", help="cases whose train-step peak memory is measured"
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -181,7 +186,7 @@ def main(argv=None):
         f" ({args.torch_device}, {torch.get_num_threads()} threads)  {device['cpu']}"
         f"  jlstm.native: {env['jlstm_native']}"
     )
-    cpu = machine.describe_cpu({"model": device["cpu"], **device["cpu_features"]})
+    cpu = committed.describe_cpu({"model": device["cpu"], **device["cpu_features"]})
     print(
         f"{cpu}, {device['cpu_count']} cores, load {device['load_avg_1m_at_start']:.2f}; "
         f"jaxlib {versions['jaxlib']}, flax {versions['flax']}; {env['command']}"
@@ -234,6 +239,13 @@ def main(argv=None):
     record["gemm_peak"] = gemm_peak
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"\nwrote {out} ({env['total_s']:.0f} s)")
+    if args.results_dir is not None:
+        saved = committed.save_bench(record, Path(args.results_dir))
+        print(
+            f"replaced this CPU's result file: {saved}"
+            if saved
+            else f"not a full run (every case and mode, peak and epoch): {args.results_dir} unchanged"
+        )
     loaded, slow = sum(r["loaded"] for r in timed), sum(bool(r.get("slow")) for r in timed)
     if loaded or slow:
         marked = [f"{loaded} ran under load ({report.LOADED_MARK})"] if loaded else []

@@ -26,7 +26,6 @@ import functools
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import optax
 import torch
 
+from experiments import results
 from experiments.bench import adapters
 from experiments.bench.cases import CASES
 from experiments.bench.timing import Timed
@@ -156,55 +156,13 @@ def mark_slow(records: list[dict]) -> None:
         r |= {"speed": shown, "slow": speed < SLOW_FRACTION}
 
 
-def cpu_info(cpuinfo: str) -> dict:
-    """CPU model and the vector/matrix extensions that decide GEMM speed, from /proc/cpuinfo text.
-
-    >>> cpu_info("model name\\t: AMD EPYC 9R14\\nflags\\t\\t: fpu avx2 avx512f\\n")
-    {'model': 'AMD EPYC 9R14', 'avx2': True, 'avx512f': True, 'amx': False}
-    """
-    fields = dict(
-        (key.strip(), value.strip())
-        for key, _, value in (line.partition(":") for line in cpuinfo.splitlines()[::-1])
-    )  # reversed, so the first processor's values win
-    flags = set(fields.get("flags", "").split())
-    return {
-        "model": fields.get("model name") or platform.processor(),
-        "avx2": "avx2" in flags,
-        "avx512f": "avx512f" in flags,
-        "amx": "amx_tile" in flags,
-    }
-
-
-def describe_cpu(cpu: dict) -> str:
-    """One line for the printed header.
-
-    >>> describe_cpu({"model": "X", "avx2": True, "avx512f": False, "amx": False})
-    'X (AVX2, no AVX-512F, no AMX)'
-    """
-    names = {"avx2": "AVX2", "avx512f": "AVX-512F", "amx": "AMX"}
-    return (
-        f"{cpu['model']} ("
-        + ", ".join(("" if cpu[k] else "no ") + v for k, v in names.items())
-        + ")"
-    )
-
-
-def _git(*cmd: str) -> str:
-    try:
-        return subprocess.run(["git", *cmd], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
-
-
 def environment(args, argv: list[str]) -> dict:
     """The JSON header of a run; ``argv`` is the command line's flags."""
-    cpuinfo = Path("/proc/cpuinfo")
-    cpu = cpu_info(cpuinfo.read_text() if cpuinfo.exists() else "")
+    cpu = results.this_cpu()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "-m", "experiments.bench", *argv]),
-        "git_commit": _git("rev-parse", "--short", "HEAD")
-        + ("-dirty" if _git("status", "-s", "--untracked-files=no") else ""),
+        "git_commit": results.commit(),
         "versions": {
             "python": platform.python_version(),
             "jax": jax.__version__,
