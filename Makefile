@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 # Where tfds looks for prepared datasets: TFDS_DATA_DIR if set, else a prepared copy beside the
-# checkout (../shared/tensorflow_datasets, as on this project's machines), else tfds' own default.
+# checkout (../shared/tensorflow_datasets), else tfds' own default.
 SHARED_TFDS := $(abspath ../shared/tensorflow_datasets)
 ifeq ($(origin TFDS_DATA_DIR),undefined)
 ifneq ($(wildcard $(SHARED_TFDS)),)

@@ -1,4 +1,5 @@
-"""Sphinx configuration of jlstm's API site: `make docs` builds it into docs/_build/html with
+"""Sphinx configuration of jlstm's docs site (the guides in docs/*.md, which include BENCHMARKS.md
+and experiments/README.md, and the API reference): `make docs` builds it into docs/_build/html with
 warnings as errors (sphinx-build -W --keep-going). The docstrings are Google style (napoleon) with
 reST inside (``literals``, :func: cross-references), which is what Sphinx reads natively. Nothing
 is fetched: no intersphinx inventories, and the theme (furo) ships its assets and uses system fonts.

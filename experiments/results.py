@@ -273,15 +273,19 @@ def render_readme_performance(records: list[dict]) -> str:
             for m, what in zip(BENCH_MODES, ("for inference", "for a training step"), strict=True)
             if (v := by_mode[m])
         ]
+        v = record["versions"]
         lines.append(
             f"On an {_short_cpu(record)}, jlstm takes {' and '.join(spans)} of the time of "
-            f"torch's `nn.LSTM`/`nn.GRU` over {len(by_mode['fwd'])} layer shapes "
-            f"({provenance(record)}):"
+            f"torch's `nn.LSTM`/`nn.GRU`, over the {len(by_mode['fwd'])} benchmark cases (one "
+            f"`make bench` run of {record['date'][:10]}, jax {v['jax']}, torch {v['torch']}):"
         )
-    head = "| case | " + " | ".join(f"{_short_cpu(r)} fwd | train" for r in records) + " |"
+    if len(records) == 1:
+        head = "| case (B, T, I, H, layers, dir) | jlstm/torch fwd | jlstm/torch train |"
+    else:
+        head = "| case | " + " | ".join(f"{_short_cpu(r)} fwd | train" for r in records) + " |"
     rows = [head, "|---" * (1 + 2 * len(records)) + "|"]
-    cases = list(dict.fromkeys(r["case"] for rec in records for r in rec["results"]))
-    for case in cases:
+    shapes = {r["case"]: r["shape"] for rec in records for r in rec["results"]}
+    for case, shape in shapes.items():
         cells = []
         for rec in records:
             got = {r["mode"]: r for r in rec["results"] if r["case"] == case}
@@ -289,7 +293,8 @@ def render_readme_performance(records: list[dict]) -> str:
                 r = got.get(mode)
                 ratio = r and _ratio(r, "jlstm", "torch")
                 cells.append(_f(ratio, ".2f") + (_marks(r) if r else ""))
-        rows.append(f"| {case} | " + " | ".join(cells) + " |")
+        name = f"{case} ({_shape(shape)})" if len(records) == 1 else case
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + "\n".join(rows) + "\n"
 
 

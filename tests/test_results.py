@@ -84,7 +84,10 @@ def test_readme_block_states_the_ratio_ranges_per_cpu():
         "On an Intel Xeon Processor (2 cores, AVX-512), jlstm takes 0.50–0.50 (median 0.50) for "
         "inference and 2.00–2.00 (median 2.00) for a training step of the time of torch's"
     )
-    assert "| mnist | 0.50 | 2.00 |" in block
+    assert "(one `make bench` run of 2026-12-07, jax 0.10.2, torch 2.13.0+cpu):" in block
+    assert "| mnist (64, 28, 28, 64, 1, uni) | 0.50 | 2.00 |" in block
+    two = results.render_readme_performance([bench_record(), bench_record(slow=True)])
+    assert "| mnist | 0.50 | 2.00 | 0.50 | 2.00~ |" in two
     assert "No benchmark result" in results.render_readme_performance([])
 
 
@@ -111,7 +114,7 @@ def test_rendering_replaces_only_the_blocks_and_check_finds_stale_pages(tmp_path
     pages = results.render(tmp_path, rendered)
     text, new = pages["README.md"]
     assert text == page and new.startswith("intro\n<!-- rendered: performance -->\nOn an Intel")
-    assert new.endswith("| mnist | 0.50 | 2.00 |\n<!-- end rendered -->\nprose\n")
+    assert new.endswith("| 0.50 | 2.00 |\n<!-- end rendered -->\nprose\n")
     with pytest.raises(ValueError, match="unknown rendered block 'nope'"):
         results.fill("<!-- rendered: nope -->\n<!-- end rendered -->", rendered)
 

@@ -1,4 +1,4 @@
-// What tests/gate_math_check.cc and experiments/perf/gate_math.cc share: the float32 values they
+// What tests/gate_math_check.cc and tools/perf/gate_math.cc share: the float32 values they
 // judge a function on (every `stride`-th bit pattern of the finite non-negative floats, and its
 // negation: every binade) and the error of a result in units in the last place (ulp) of the
 // float32 nearest the exact value.
