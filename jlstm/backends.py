@@ -36,7 +36,6 @@ Adding an implementation is adding an entry to :data:`BACKENDS`.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
@@ -78,14 +77,19 @@ class Backend:
     platforms: tuple[str, ...]  # where it lowers
     auto: tuple[str, ...]  # where auto takes it (if it covers the call and is available)
     # Runs one direction: (kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoist,
-    # platform) -> (carry, ys); or, with ``layer``, both directions of a layer at once.
+    # platform, portable_export) -> (carry, ys); or, with ``layer``, both directions of a layer at
+    # once. ``portable_export``: auto chose it, and a jax.export must lower portable code.
     direction: Callable | None = None
     layer: Callable | None = None
     # Both directions of a bidirectional layer at once where it can, besides ``direction``:
-    # (kind, directions, x, carries, valid) -> (outputs, final carries), or None where it cannot.
+    # (kind, directions, x, carries, valid, portable_export) -> (outputs, final carries), or None
+    # where it cannot.
     pair: Callable | None = None
-    # Why this process cannot run it (e.g. the C++ library did not build), or None.
+    # Why this process cannot run it (e.g. the C++ library did not load), or None.
     process: Callable[[], str | None] = lambda: None
+    # Called with that reason when auto, on a platform in ``auto``, skips it for a call it covers
+    # (the C++ loop warns that the call runs slower).
+    skipped: Callable[[str], None] = lambda reason: None
     # Why it does not cover a call beyond kind, dtype and size, or None.
     covers: Callable[[Call], str | None] = lambda call: None
     # The lowering platforms on which its code differs map to distinct values (fused's input
@@ -111,8 +115,11 @@ class Backend:
         if (reason := self.covers(call)) is not None:
             return reason
         if (reason := self.process()) is not None:
-            return f"it is not available here: {reason}"
+            return f"{_NOT_HERE}{reason}"
         return None
+
+
+_NOT_HERE = "it is not available here: "
 
 
 _KIND_NAMES = {
@@ -131,9 +138,11 @@ def _kinds(kinds) -> str:
 # How each entry runs a direction
 
 
-def _scan_direction(kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoist, platform):
+def _scan_direction(
+    kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoist, platform, portable_export
+):
     """Plain autodiff through ``lax.scan`` over the cell (every kind, proj_size included)."""
-    del hoist, platform
+    del hoist, platform, portable_export
     carry = loops.vary_like(carry, w, x)
     xw, b_hn = cells.input_projection(kind, w, x)
     step = cells.step_fn(kind, w, b_hn, nonlinearity)
@@ -163,17 +172,23 @@ def _loop_direction(module, kind, w, x, carry, valid, reverse, speed=()):
     return h, ys
 
 
-def _fused_direction(kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoist, platform):
+def _fused_direction(
+    kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoist, platform, portable_export
+):
     # On XLA CPU the input projection runs faster inside the step (see jlstm.fused).
     hoist = platform != "cpu" if hoist is None else hoist
     return _loop_direction(fused, kind, w, x, carry, valid, reverse, (unroll, hoist))
 
 
-def _native_direction(kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoist, platform):
-    return _loop_direction(native, kind, w, x, carry, valid, reverse)  # no unroll or hoist
+def _native_direction(
+    kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoist, platform, portable_export
+):
+    # No unroll or hoist; exported, auto's choice lowers the fused loop (see the module docstring).
+    speed = (portable_export,)
+    return _loop_direction(native, kind, w, x, carry, valid, reverse, speed)
 
 
-def _native_pair(kind, directions, x, carries, valid):
+def _native_pair(kind, directions, x, carries, valid, portable_export):
     """Both directions of a bidirectional layer in one C++ call (``native.lstm_bidirectional``,
     ``native.gru_bidirectional``): ``(outputs (L, N, 2H), final carries)``; None for one
     direction."""
@@ -186,7 +201,7 @@ def _native_pair(kind, directions, x, carries, valid):
         arrays = [(*w, carry) for w, carry in zip(weights, carries, strict=True)]
     *arrays, x = loops.vary_like((*arrays, x))
     both = native.lstm_bidirectional if kind == "lstm" else native.gru_bidirectional
-    (ys_f, *final_f), (ys_b, *final_b) = both(*arrays, x, valid)
+    (ys_f, *final_f), (ys_b, *final_b) = both(*arrays, x, valid, portable_export)
     if kind == "lstm":
         finals = [tuple(final_f), tuple(final_b)]
     else:
@@ -194,15 +209,16 @@ def _native_pair(kind, directions, x, carries, valid):
     return jnp.concatenate([ys_f, ys_b], axis=-1), finals
 
 
-def _pallas_direction(kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoist, platform):
+def _pallas_direction(
+    kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoist, platform, portable_export
+):
     compiled = platform == "cuda"  # Triton on CUDA, interpreted elsewhere
     return _loop_direction(pallas, kind, w, x, carry, valid, reverse, (compiled,))
 
 
-def _native_process() -> str | None:
-    if os.environ.get("JLSTM_NATIVE", "1") == "0":
-        return "JLSTM_NATIVE=0 turns it off"
-    return native.unavailable_reason()
+def _native_skipped(reason: str) -> None:
+    """Where auto cannot take the C++ loop on CPU for a call it covers: say so, once."""
+    native.warn_fallback("loop", reason)
 
 
 def _cudnn_process() -> str | None:
@@ -251,7 +267,8 @@ BACKENDS: dict[str, Backend] = {
             auto=("cpu",),
             direction=_native_direction,
             pair=_native_pair,
-            process=_native_process,
+            process=lambda: native.unavailable_reason(),  # looked up per call: tests replace it
+            skipped=_native_skipped,
             covers=lambda call: "the sequence is empty (seq_len 0)" if call.length == 0 else None,
         ),
         Backend(
@@ -313,8 +330,13 @@ def auto_choice(platform: str, call: Call) -> str:
     ('fused', 'scan')
     """
     for backend in BACKENDS.values():
-        if platform in backend.auto and backend.unavailable_reason(call) is None:
+        if platform not in backend.auto:
+            continue
+        reason = backend.unavailable_reason(call)
+        if reason is None:
             return backend.name
+        if reason.startswith(_NOT_HERE):
+            backend.skipped(reason.removeprefix(_NOT_HERE))
     raise AssertionError(f"no implementation covers {call}")  # scan covers everything
 
 
@@ -324,6 +346,8 @@ class Choice(NamedTuple):
 
     names: tuple[tuple[str, str], ...]  # (platform, impl) for each of PLATFORMS
     refusals: tuple[tuple[str, str], ...] = ()  # (platform, message)
+    # impl="auto": a jax.export lowers portable code (the fused loop for the C++ one).
+    portable_export: bool = False
 
 
 def resolve(fn: str, impl, call: Call) -> Choice:
@@ -339,7 +363,7 @@ def resolve(fn: str, impl, call: Call) -> Choice:
     if impl not in IMPLS:
         raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return Choice(tuple((p, auto_choice(p, call)) for p in PLATFORMS))
+        return Choice(tuple((p, auto_choice(p, call)) for p in PLATFORMS), portable_export=True)
     backend = BACKENDS[impl]
     if (reason := backend.unavailable_reason(call)) is not None:
         raise ValueError(
@@ -406,12 +430,14 @@ def direction(
     hoist: bool | None = None,
     every: int | None = None,
     platform: str = "cpu",
+    portable_export: bool = False,
 ):
     """One direction of one layer on ``impl``'s code for ``platform``: ``(final carry, outputs)``.
 
     ``x`` is ``(L, N, I)``, ``carry`` ``(h, c)`` or ``h`` of ``(N, ·)``, ``valid`` ``(L, N, 1)``
     bool or None. ``hoist`` places the fused loop's input projection (default: by platform);
-    ``every`` recomputes the forward in segments of that many steps (``checkpoint_every``).
+    ``every`` recomputes the forward in segments of that many steps (``checkpoint_every``);
+    ``portable_export`` lowers the fused loop instead of the C++ one for ``jax.export``.
 
     >>> import jax, jax.numpy as jnp, jlstm
     >>> from jlstm import params
@@ -424,7 +450,19 @@ def direction(
     run_one = BACKENDS[impl].direction
 
     def run(carry, x, valid):
-        return run_one(kind, w, x, carry, valid, reverse, nonlinearity, unroll, hoist, platform)
+        return run_one(
+            kind,
+            w,
+            x,
+            carry,
+            valid,
+            reverse,
+            nonlinearity,
+            unroll,
+            hoist,
+            platform,
+            portable_export,
+        )
 
     return _segmented(run, carry, x, valid, reverse, every)
 
@@ -456,7 +494,7 @@ def layer(
                 )
                 return y, list(zip(h, c, strict=True))
             if backend.pair is not None and (every is None or every >= x.shape[0]):
-                both = backend.pair(kind, directions, x, carries, valid)
+                both = backend.pair(kind, directions, x, carries, valid, choice.portable_export)
                 if both is not None:
                     return both
             outs, finals = [], []
@@ -473,6 +511,7 @@ def layer(
                     unroll=unroll,
                     every=every,
                     platform=platform,
+                    portable_export=choice.portable_export,
                 )
                 finals.append(carry)
                 outs.append(y)

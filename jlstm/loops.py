@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend.core import Primitive
+from jax.extend.core import Primitive, jaxpr_as_fun
 from jax.interpreters import ad, batching, mlir
 
 # --------------------------------------------------------------------------------------------
@@ -416,3 +416,66 @@ def loop_with_backward(
 
     loop.__doc__ = doc
     return loop
+
+
+# --------------------------------------------------------------------------------------------
+# A fast path that a jax.export lowers portably
+
+
+def unless_exported(fast: Callable, portable: Callable, *args):
+    """``fast(*args)``, lowered as ``portable(*args)`` in a program lowered for ``jax.export``.
+
+    A custom call of jlstm's C++ library has no compatibility guarantee and runs only where that
+    library is registered: an exported program must not hold one unless asked to. JAX tells a
+    lowering rule that it lowers for export (``LoweringParameters.for_export``), so this is a
+    primitive holding both functions' jaxprs, whose lowering takes one. Both must return arrays of
+    the same types (``None`` leaves in the same places). Neither is differentiated through it: it
+    sits inside the fast loops' custom derivative rules, whose own rules say how each
+    transformation runs (:func:`loop_with_backward`); it batches under ``vmap`` as both functions
+    do.
+
+    >>> import jax, jax.numpy as jnp
+    >>> f = jax.jit(lambda x: unless_exported(jnp.sin, jnp.cos, x))
+    >>> float(f(0.0)), float(jax.export.export(f)(0.0).call(0.0))
+    (0.0, 1.0)
+    """
+    flat, tree = jax.tree.flatten(args)
+    (fast_jaxpr, out), (portable_jaxpr, portable_out) = (
+        jax.make_jaxpr(lambda *flat, fn=fn: fn(*jax.tree.unflatten(tree, flat)), return_shape=True)(
+            *flat
+        )
+        for fn in (fast, portable)
+    )
+    if fast_jaxpr.out_avals != portable_jaxpr.out_avals or (
+        jax.tree.structure(out) != jax.tree.structure(portable_out)
+    ):
+        raise TypeError(
+            "unless_exported: fast and portable must return the same types, got "
+            f"{jax.tree.structure(out)} {fast_jaxpr.out_avals} and "
+            f"{jax.tree.structure(portable_out)} {portable_jaxpr.out_avals}"
+        )
+    outs = _unless_exported_p.bind(*flat, fast=fast_jaxpr, portable=portable_jaxpr)
+    return jax.tree.unflatten(jax.tree.structure(out), outs)
+
+
+_unless_exported_p = Primitive("jlstm_unless_exported")
+_unless_exported_p.multiple_results = True
+_unless_exported_p.def_impl(lambda *args, fast, portable: jaxpr_as_fun(fast)(*args))
+_unless_exported_p.def_abstract_eval(lambda *avals, fast, portable: fast.out_avals)
+
+
+def _unless_exported_lowering(ctx, *args, fast, portable):
+    chosen = portable if ctx.module_context.lowering_parameters.for_export else fast
+    return mlir.lower_fun(jaxpr_as_fun(chosen), multiple_results=True)(ctx, *args)
+
+
+def _unless_exported_batch(args, dims, *, fast, portable):
+    def batched(jaxpr):
+        return lambda *args: jax.vmap(jaxpr_as_fun(jaxpr), in_axes=tuple(dims))(*args)
+
+    outs = unless_exported(batched(fast), batched(portable), *args)
+    return outs, [0] * len(outs)
+
+
+mlir.register_lowering(_unless_exported_p, _unless_exported_lowering)
+batching.primitive_batchers[_unless_exported_p] = _unless_exported_batch

@@ -6,8 +6,11 @@ test_torch_parity.py."""
 
 import concurrent.futures
 import os
+import re
 import subprocess
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -50,12 +53,19 @@ def test_auto_takes_the_native_loop_on_cpu(kind):
 
 @KINDS
 def test_auto_skips_the_native_loop_when_turned_off(kind, monkeypatch):
+    """JLSTM_NATIVE_ISA=off: auto takes the fused loop without a warning (a choice, not a fault;
+    pytest makes any warning an error)."""
     params, x, state = _problem(kind, 3, 2, 4, 5, jnp.float32)
-    monkeypatch.setenv("JLSTM_NATIVE", "0")
+    monkeypatch.setenv("JLSTM_NATIVE_ISA", "off")
+    native.warn_fallback.cache_clear()
+    jax.clear_caches()
     fn = lambda p, x: jnp.sum(LAYERS[kind][0](p, x, state)[0])  # noqa: E731
     assert "jlstm_" not in jax.jit(fn).lower(params, x).as_text()
-    with pytest.raises(ValueError, match=r"not available here: JLSTM_NATIVE=0 turns it off"):
+    with pytest.raises(
+        ValueError, match=r"not available here: JLSTM_NATIVE_ISA=off turns the C\+\+ loop off"
+    ):
         LAYERS[kind][0](params, x, state, impl="native")
+    jax.clear_caches()
 
 
 # Sizes: 1 everywhere; hidden 15/16/17 around one thread's block of 16 units, 33 and 100 split over
@@ -252,19 +262,40 @@ def test_gates_out_blas_gives_the_same_bits_every_call(monkeypatch):
 
 def test_gates_out_takes_xla_dots_without_openblas(monkeypatch):
     """Where OpenBLAS does not load, a gates-out backward's GEMMs are XLA's, with the same
-    gradients."""
+    gradients, and a warning says so once."""
     monkeypatch.setattr(native, "WEIGHTS_IN_LOOP_BYTES", 0)
     params, x, state = _problem("gru", 4, 3, 5, 6, jnp.float64, layers=2, bidirectional=True)
     loss = lambda p, x: jnp.sum(jnp.sin(jlstm.gru(p, x, state)[0]))  # noqa: E731
     grads = {}
+    native.warn_fallback.cache_clear()
     for reason in (None, "scipy-openblas32 is not installed (test)"):
         monkeypatch.setattr(native, "blas_unavailable_reason", lambda reason=reason: reason)
         jax.clear_caches()
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        assert ("jlstm_sequence_grads" in grad.lower(params, x).as_text()) == (reason is None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            text = grad.lower(params, x).as_text()
+        assert ("jlstm_sequence_grads" in text) == (reason is None)
+        assert [str(w.message) for w in caught if w.category is native.NativeFallbackWarning] == (
+            [] if reason is None else [_fallback_message("blas", reason)]
+        )
         grads[reason] = grad(params, x)
     assert_trees_close(*grads.values(), rtol=1e-12, atol=1e-12)
+    native.warn_fallback.cache_clear()
     jax.clear_caches()
+
+
+def _fallback_message(cause, reason):
+    costs = {
+        "loop": "impl='auto' runs the pure-JAX loop (impl='fused') on CPU instead, which takes "
+        "1.3-2x the C++ loop's time",
+        "blas": "a large layer's backward forms its weight gradients with XLA's GEMMs instead, "
+        "whose train step took up to 1.14x the time with OpenBLAS's",
+    }
+    return (
+        f"jlstm: {costs[cause]}: {reason}. (`python -m jlstm.native` says what runs; "
+        "docs/native_build.md)"
+    )
 
 
 def test_gates_out_overwrites_the_saved_gates(monkeypatch):
@@ -334,7 +365,7 @@ sys.path.insert(0, sys.argv[1])
 from paths import assert_forward_matches_the_scan_path, assert_matches_the_scan_path
 from jlstm import native
 jax.config.update("jax_enable_x64", True)
-assert "-mno-avx512f" in native.FLAGS and native.available(), native.unavailable_reason()
+assert native.available() and native.loaded().level == "avx2", native.unavailable_reason()
 for in_loop in (native.WEIGHTS_IN_LOOP_BYTES, 0):
     native.WEIGHTS_IN_LOOP_BYTES = in_loop
     for size in ast.literal_eval(sys.argv[2]):
@@ -347,35 +378,35 @@ for in_loop in (native.WEIGHTS_IN_LOOP_BYTES, 0):
 
 
 def _cpu_has(flag: str) -> bool:
-    """Whether the CPU the library is built for (-march=native) has ``flag``."""
+    """Whether this CPU has ``flag`` (the library's level is chosen from the same flags)."""
     return flag in native._FLAGS
 
 
 @pytest.mark.skipif(
     not (_cpu_has("avx2") and _cpu_has("avx512f")),
-    reason="needs an x86-64 CPU with AVX-512; without it the default build is the AVX2 one "
+    reason="needs an x86-64 CPU with AVX-512; without it the level loaded is the AVX2 one "
     "(test_avx2_tiles_match_the_scan_path)",
 )
-def test_avx2_build_matches_the_scan_path(tmp_path):
-    """The kernels as a CPU without AVX-512 builds them (32-byte vectors, 6 x 2 tiles), here built
-    with -mno-avx512f, against the lax.scan path on AVX2_SIZES."""
-    env = dict(os.environ, JLSTM_CXXFLAGS="-mno-avx512f", JLSTM_CACHE=str(tmp_path))
-    script = [_AVX2_SCRIPT, str(ROOT / "tests"), repr(AVX2_SIZES)]
+def test_avx2_level_matches_the_scan_path():
+    """The AVX2 level (32-byte vectors, 6 x 2 tiles), forced on this AVX-512 CPU through
+    JLSTM_NATIVE_ISA=avx2, against the lax.scan path: the grid's sizes and AVX2_SIZES, weights in
+    the loop and gates out, in a process of its own (a process loads one level)."""
+    env = dict(os.environ, JLSTM_NATIVE_ISA="avx2")
+    script = [_AVX2_SCRIPT, str(ROOT / "tests"), repr(SIZES + AVX2_SIZES)]
     subprocess.run([sys.executable, "-c", *script], env=env, cwd=ROOT, check=True)
 
 
 @pytest.mark.skipif(
     not _cpu_has("avx2") or _cpu_has("avx512f"),
-    reason="needs an x86-64 CPU with AVX2 and no AVX-512, whose default build is the AVX2 one; "
-    "with AVX-512, test_avx2_build_matches_the_scan_path builds it apart",
+    reason="needs an x86-64 CPU with AVX2 and no AVX-512, whose level is the AVX2 one; with "
+    "AVX-512, test_avx2_level_matches_the_scan_path forces it in a process of its own",
 )
 @pytest.mark.parametrize("backward", ["weights-in-loop", "gates-out-blas"], indirect=True)
 @pytest.mark.parametrize("size", AVX2_SIZES, ids=lambda s: "L{}-N{}-I{}-H{}".format(*s))
 @KINDS
 def test_avx2_tiles_match_the_scan_path(kind, size, backward):
-    """The sizes of test_avx2_build_matches_the_scan_path, on the library this process built, which
-    a CPU without AVX-512 builds with the AVX2 kernels: in this process, where the grid's problems
-    and references are kept, rather than in a process and a build of its own."""
+    """The AVX2 sizes on the level this process loaded, the AVX2 one on a CPU without AVX-512: in
+    this process, where the grid's problems and references are kept."""
     for dtype, tol in ((jnp.float64, 1e-12), (jnp.float32, 2e-5)):
         assert_matches_the_scan_path("native", kind, size, dtype, tol)
         if backward == "weights-in-loop":
@@ -407,18 +438,75 @@ def test_long_sequence_stays_finite(kind):
 
 
 def test_auto_falls_back_when_native_is_unavailable(monkeypatch):
+    """Where the library cannot load, auto takes the fused loop and warns, once per process (a
+    second layer, a second call: no second warning); impl="native" says why it cannot run."""
     params, x, state = _problem("lstm", 3, 2, 4, 6, jnp.float32)
-    monkeypatch.setattr(native, "unavailable_reason", lambda: "no compiler (test)")
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "no library (test)")
+    native.warn_fallback.cache_clear()
     jax.clear_caches()  # the layer stack is jitted: retrace with the patched availability
-    text = jax.jit(lambda p: jlstm.lstm(p, x, state)[0]).lower(params).as_text()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = jax.jit(lambda p: jlstm.lstm(p, x, state)[0]).lower(params).as_text()
+        gru_params, gru_x, gru_state = _problem("gru", 3, 2, 4, 6, jnp.float32)
+        jax.jit(lambda p: jlstm.gru(p, gru_x, gru_state)[0]).lower(gru_params)
     assert "jlstm_" not in text
+    warned = [str(w.message) for w in caught if w.category is native.NativeFallbackWarning]
+    assert warned == [_fallback_message("loop", "no library (test)")]
+    native.warn_fallback.cache_clear()
     with pytest.raises(
         ValueError,
         match=r"impl='native' \(the C\+\+ CPU loop\) cannot run this call: it is not available "
-        r"here: no compiler \(test\); use impl='auto'",
+        r"here: no library \(test\); use impl='auto'",
     ):
         jlstm.lstm(params, x, state, impl="native")
     jax.clear_caches()
+
+
+def test_the_isa_level_follows_the_cpu_and_the_override(monkeypatch):
+    """The best level whose flags the CPU has, or JLSTM_NATIVE_ISA's; a level the CPU lacks, an
+    unknown value and off say why none runs."""
+    v3, v4 = native.LEVELS["avx2"].cpu, native.LEVELS["avx512"].cpu
+    monkeypatch.setattr(native, "_supported_platform", lambda: None)
+    cases = [
+        (v4, "", "avx512", r"the best level: the CPU has avx512bw, avx512cd, avx512dq"),
+        (v4, "avx2", "avx2", r"JLSTM_NATIVE_ISA=avx2: the CPU has AVX2"),
+        (v3, "", "avx2", r"the best level"),
+        (v3, "avx512", None, r"JLSTM_NATIVE_ISA=avx512, but this CPU lacks avx512bw, avx512cd"),
+        (v3 - {"fma"}, "", None, r"this CPU lacks fma \(x86-64-v3\)"),
+        (v4, "sse", None, r"JLSTM_NATIVE_ISA must be one of avx512, avx2, off \(or unset\)"),
+        (v4, "off", None, r"JLSTM_NATIVE_ISA=off turns the C\+\+ loop off"),
+    ]
+    for flags, asked, level, why in cases:
+        monkeypatch.setattr(native, "_FLAGS", frozenset(flags))
+        monkeypatch.setenv("JLSTM_NATIVE_ISA", asked)
+        got = native.isa_choice()
+        assert got[0] == level and re.match(why, got[1]), (asked, got)
+
+
+def test_the_wheel_builds_the_levels_this_module_names():
+    """CMakeLists.txt compiles each level of native.LEVELS with that level's flags."""
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert f"set(JLSTM_LEVELS {' '.join(sorted(native.LEVELS))})" in cmake
+    for name, level in native.LEVELS.items():
+        assert f"set(JLSTM_FLAGS_{name} {' '.join(level.flags)})" in cmake
+    common = [f for f in native.FLAGS if f.startswith(("-O", "-f")) and f != "-fPIC"]
+    assert f"set(JLSTM_COMMON_FLAGS {' '.join(common)})" in cmake
+
+
+def test_a_library_compiled_from_other_sources_is_refused(monkeypatch, tmp_path):
+    """The installed library carries its sources' digest; edited sources (an editable install
+    not rebuilt) make it refuse to run, saying how to rebuild."""
+    path = native.loaded().path
+    library = native._load()
+    assert native._stale_reason(path, library) is None
+    for source in native.SOURCES.iterdir():
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    (tmp_path / "gate_math.h").write_bytes(b"// edited\n" + (tmp_path / "gate_math.h").read_bytes())
+    monkeypatch.setattr(native, "SOURCES", tmp_path)
+    assert re.match(
+        r".* was compiled from other sources .* `pip install -e \.`",
+        native._stale_reason(path, library),
+    )
 
 
 def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
@@ -428,22 +516,50 @@ def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
         native.build()
 
 
-def test_build_caches_by_content(monkeypatch, tmp_path):
-    """A fresh cache compiles once; the second build returns the same file without compiling."""
-    monkeypatch.setenv("JLSTM_CACHE", str(tmp_path))
-    first = native.build()
-    assert first.parent == tmp_path and first.exists()
-    monkeypatch.setenv("CXX", "no-such-compiler-jlstm")  # would fail if it compiled again
-    assert native.build() == first
+def test_the_build_cache_honours_xdg_and_survives_a_read_only_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("JLSTM_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert native._cache_dir() == tmp_path / "xdg" / "jlstm"
+    (tmp_path / "file").write_text("")  # nothing can be created below a file, even by root
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
+    assert native._cache_dir().parent == Path(tempfile.gettempdir())
 
 
 def test_a_header_is_part_of_the_cache_key(monkeypatch, tmp_path):
     """Editing csrc/gate_math.h (included by recurrence.cc) must rebuild the library."""
-    before = native._library_path()
-    header = tmp_path / "gate_math.h"
-    header.write_bytes(native.HEADERS[0].read_bytes() + b"\n// edited\n")
-    monkeypatch.setattr(native, "HEADERS", (header,))
-    assert native._library_path() != before
+    before = native._library_path("avx2", "c++")
+    for source in native.SOURCES.iterdir():
+        (tmp_path / source.name).write_bytes(source.read_bytes() + b"\n// edited\n")
+    monkeypatch.setattr(native, "SOURCES", tmp_path)
+    assert native._library_path("avx2", "c++") != before
+
+
+_BUILD = "from jlstm import native; print(native.build('avx2'))"
+
+
+def test_concurrent_builds_compile_once_and_evict_old_ones(tmp_path):
+    """JLSTM_NATIVE_BUILD's compile: two processes starting at once with an empty cache compile
+    once (a lock) and find the same library; a third finds it built; the cache keeps the
+    KEEP_BUILDS most recently used builds. The compiler is a wrapper that logs its compiles."""
+    cache, log = tmp_path / "cache", tmp_path / "compiles"
+    cxx = tmp_path / "cxx"
+    cxx.write_text(f'#!/bin/sh\ncase "$*" in *" -o "*) echo x >> {log};; esac\nexec c++ "$@"\n')
+    cxx.chmod(0o755)
+    cache.mkdir()
+    for i in range(native.KEEP_BUILDS):  # older builds, as earlier versions left them
+        old = cache / f"recurrence-old{i}.so"
+        old.write_bytes(b"")
+        os.utime(old, (1000 + i, 1000 + i))
+    env = dict(os.environ, CXX=str(cxx), JLSTM_CACHE=str(cache))
+    run = [sys.executable, "-c", _BUILD]
+    both = [subprocess.Popen(run, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    paths = {p.communicate()[0].strip() for p in both}
+    assert all(p.returncode == 0 for p in both)
+    third = subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout
+    assert len(paths) == 1 and third.strip() in paths
+    assert log.read_text().count("x") == 1
+    left = sorted(p.name for p in cache.glob("recurrence-*.so"))
+    assert len(left) == native.KEEP_BUILDS and "recurrence-old0.so" not in left
 
 
 @pytest.mark.skipif(not _cpu_has("avx2"), reason="needs an x86-64 CPU with AVX2")
@@ -453,7 +569,8 @@ def test_float32_gate_functions_hold_their_error_bounds(tmp_path):
     libm: the bounds its header states (tanh 5.6 ulp, sigmoid 2.4 ulp, measured), and the special
     values: +-1 and 0/1 at +-inf (the sigmoid's clamp gives 6e-39 for 0), NaN stays NaN."""
     exe = tmp_path / "gate_math_check"
-    flags = [f for f in native.FLAGS if f not in ("-shared", "-fPIC")]
+    level_flags = native.build_flags(native.loaded().level)
+    flags = [f for f in level_flags if f not in ("-shared", "-fPIC")]
     source = ROOT / "tests" / "gate_math_check.cc"
     compiler = os.environ.get("CXX", "c++")
     cmd = [compiler, *flags, f"-I{native.SOURCE.parent}", str(source), "-o", str(exe)]
