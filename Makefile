@@ -17,11 +17,13 @@ endif
 
 .PHONY: install test lint format docs bench bench-quick render train-mnist train-regression train-sentiment clean
 
-$(VENV)/.installed: pyproject.toml
+# The install compiles the C++ loop (CMakeLists.txt, once per ISA level): again when its sources
+# change, since an editable install refuses a library older than them.
+$(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard jlstm/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[all]'
-	@# The C++ LSTM loop (jlstm.native) compiles on first use; build it now, or say why not.
+	@# What impl="auto" runs on CPU: the C++ loop's ISA level and library, or why not.
 	$(PY) -m jlstm.native || echo "jlstm: continuing with the pure-JAX paths"
 	touch $@
 
