@@ -13,29 +13,39 @@ Two formats, told apart by their first bytes (not by suffix):
   ``safetensors`` package's numpy API. It holds no code, and no checksums either: damaged tensor
   bytes read as different numbers.
 
-Safety. ``pickle.load`` runs whatever callables a file names, so the pickle is read by a restricted
-unpickler that allows only the globals torch's own ``torch.load(weights_only=True)`` needs for a
-state_dict (the three tensor rebuild functions, the ten storage types, ``collections.OrderedDict``;
-plain containers need no globals) and returns jlstm's own inert stand-ins for them; torch is never
-imported. Any other global (``os.system``, ``builtins.exec``, a pickled ``nn.Module``'s classes) is
-refused before it is looked up, so nothing from the file runs. Everything else a crafted or damaged
-file could use is checked before it is trusted: the zip's member sizes against the file size and
-their CRC-32s, the pickle's size and memo indices (a memo index sets the size of an array the C
-unpickler allocates), each tensor's extent against its storage, and the total size of the arrays
-the views expand to. Any problem is one ``ValueError`` naming the file.
+Safety (docs/torch_file_safety.md has the user's view). A file is untrusted input; for any file
+the result is the tensors ``torch.load(path, weights_only=True)`` reads, or one ``ValueError``
+naming the file, and:
+
+* No code runs: the pickle is read by ``_unpickle``, an interpreter of only the opcodes
+  ``torch.save`` writes, which resolves only the globals a state_dict needs (the three tensor
+  rebuild functions, the ten storage types, ``collections.OrderedDict``) to inert stand-ins; any
+  other global is refused before it is looked up, and torch is never imported.
+* Memory and time are bounded by the file (tested: 64 bytes per byte of the file + 64 MiB, returned
+  arrays included; 2 s + 1 s per MiB): ``data.pkl`` is at most 8 MiB and builds at most 48 bytes of
+  objects per byte; nothing it builds is hashed (dict keys are str or int64), compared, or rendered
+  beyond a few hundred characters (``_render``); nesting, dimensions and integers are bounded; views
+  expand to at most 4x the bytes of the storages they use, each counted once.
+* The zip is read as torch's reader (miniz) reads it (``_Archive``): a file that zip readers could
+  read differently is refused, so jlstm and torch never return different tensors.
+* Saves write a temporary file beside the destination and rename it over it (``_replace``).
 """
 
 from __future__ import annotations
 
 import collections
-import io
+import contextlib
+import itertools
 import math
 import os
-import pickle
 import pickletools
+import re
+import secrets
+import stat
 import struct
 import sys
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -81,6 +91,42 @@ class _Refused(Exception):
     """What is wrong with a file, raised inside the reader; the entry points add the file name."""
 
 
+def _render(value, depth: int = 2) -> str:
+    """A repr of at most a few hundred characters, whatever the file built. Messages quote values
+    from the file, and a full repr() can be huge: a list holding the level below it twice, 64
+    levels deep, has a repr of 2**64 elements (and a deep one makes repr() recurse)."""
+    kind = type(value)
+    if kind is str or kind is bytes:
+        if len(value) <= 80:
+            return repr(value)
+        return f"{value[:80]!r}... ({len(value)} {'characters' if kind is str else 'bytes'})"
+    if kind is int:
+        return repr(value) if value.bit_length() <= 64 else f"<an int of {value.bit_length()} bits>"
+    if kind in (float, bool, type(None)):
+        return repr(value)
+    if kind is _Global:
+        return value.name
+    if kind is _StorageType:
+        return f"torch.{value.name}"
+    if kind not in (tuple, list, dict, collections.OrderedDict):
+        return f"<{kind.__name__.lstrip('_').lower()}>"
+    if depth == 0:
+        return f"<{kind.__name__} of {len(value)}>"
+    shown = itertools.islice(value.items() if isinstance(value, dict) else value, 4)
+    if isinstance(value, dict):
+        parts = [f"{_render(k, 0)}: {_render(v, depth - 1)}" for k, v in shown]
+    else:
+        parts = [_render(v, depth - 1) for v in shown]
+    if len(value) > 4:
+        parts.append(f"... ({len(value)} items)")
+    text = ", ".join(parts)
+    if kind is list:
+        return f"[{text}]"
+    if kind is tuple:
+        return f"({text},)" if len(value) == 1 else f"({text})"
+    return f"{{{text}}}"
+
+
 class _Storage(NamedTuple):
     key: str
     dtype: np.dtype
@@ -101,26 +147,24 @@ class _StorageType(NamedTuple):
 
 
 class _Global(NamedTuple):
-    """Stands in for an allowed callable of the pickle. A NamedTuple has no ``__dict__`` and cannot
-    be assigned to, so the pickle's BUILD opcode cannot alter it."""
+    """Stands in for an allowed callable of the pickle, by its qualified name."""
 
     name: str
 
-    def __call__(self, *args):
-        return _CALLABLES[self.name](*args)
-
 
 def _check_ints(what: str, values, *, dims: bool) -> None:
-    if dims and not isinstance(values, tuple):
+    if dims and type(values) is not tuple:
         raise _Refused(f"a tensor's {what} is {type(values).__name__}, not a tuple")
+    if dims and len(values) > _MAX_DIMS:
+        raise _Refused(f"a tensor's {what} has {len(values)} dimensions; torch allows {_MAX_DIMS}")
     for value in values if dims else (values,):
-        if type(value) is not int or value < 0:
-            raise _Refused(f"a tensor's {what} holds {value!r}, not a non-negative int")
+        if type(value) is not int or not 0 <= value < _INT64:
+            raise _Refused(f"a tensor's {what} holds {_render(value)}, not a non-negative int64")
 
 
 def _rebuild_tensor(storage, offset, shape, stride) -> _Tensor:
-    if not isinstance(storage, _Storage):
-        raise _Refused(f"a tensor is rebuilt from a {type(storage).__name__}, not a storage")
+    if type(storage) is not _Storage:
+        raise _Refused(f"a tensor is rebuilt from a {_render(storage, 0)}, not a storage")
     _check_ints("storage offset", offset, dims=False)
     _check_ints("size", shape, dims=True)
     _check_ints("stride", stride, dims=True)
@@ -132,83 +176,293 @@ def _rebuild_tensor(storage, offset, shape, stride) -> _Tensor:
 def _rebuild_tensor_v2(storage, offset, shape, stride, requires_grad, hooks, metadata=None):
     _check_hooks(requires_grad, hooks)
     if metadata:  # torch's conjugate/negative bits and the like: not plain tensor data
-        raise _Refused(f"a tensor carries metadata {metadata!r}, which jlstm does not interpret")
+        raise _Refused(
+            f"a tensor carries metadata {_render(metadata)}, which jlstm does not interpret"
+        )
     return _rebuild_tensor(storage, offset, shape, stride)
 
 
 def _rebuild_parameter(data, requires_grad, hooks) -> _Tensor:
     _check_hooks(requires_grad, hooks)
-    if not isinstance(data, _Tensor):
-        raise _Refused(f"a parameter wraps a {type(data).__name__}, not a tensor")
+    if type(data) is not _Tensor:
+        raise _Refused(f"a parameter wraps a {_render(data, 0)}, not a tensor")
     return data
 
 
 def _check_hooks(requires_grad, hooks) -> None:
-    if not isinstance(requires_grad, bool) or not isinstance(hooks, dict) or hooks:
-        raise _Refused("a tensor has backward hooks or a non-bool requires_grad")
+    if type(requires_grad) is not bool or type(hooks) not in (dict, collections.OrderedDict):
+        raise _Refused("a tensor has a non-bool requires_grad or hooks that are not a dict")
+    if hooks:
+        raise _Refused("a tensor has backward hooks")
 
 
-def _ordered_dict(*args) -> collections.OrderedDict:
-    if args:  # pickle writes OrderedDict() and then its items (SETITEMS)
-        raise _Refused("collections.OrderedDict is called with arguments")
-    return collections.OrderedDict()
-
-
+# The callables a state_dict's pickle calls (REDUCE), with the numbers of arguments they take.
 _CALLABLES = {
-    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
-    "torch._utils._rebuild_tensor": _rebuild_tensor,
-    "torch._utils._rebuild_parameter": _rebuild_parameter,
-    "collections.OrderedDict": _ordered_dict,
+    "torch._utils._rebuild_tensor_v2": (_rebuild_tensor_v2, 6, 7),
+    "torch._utils._rebuild_tensor": (_rebuild_tensor, 4, 4),
+    "torch._utils._rebuild_parameter": (_rebuild_parameter, 3, 3),
+    "collections.OrderedDict": (collections.OrderedDict, 0, 0),  # then its items, by SETITEMS
 }
 
 
-class _Unpickler(pickle.Unpickler):
-    """Resolves only the globals a state_dict needs, to stand-ins; storages are named, not read."""
+def _find_global(module, name):
+    if type(module) is not str or type(name) is not str:
+        raise _Refused("data.pkl names a global by something other than strings")
+    qualified = f"{module}.{name}"
+    if qualified in _CALLABLES:
+        return _Global(qualified)
+    if module == "torch" and name in _STORAGE_DTYPES:
+        return _StorageType(name)
+    raise _Refused(
+        f"data.pkl references the global {_render(qualified)}, which is refused: jlstm reads "
+        "only tensors and containers of them (what torch.load(weights_only=True) allows) and runs "
+        "no code from a file; a whole pickled model (torch.save(model)) must be re-saved as "
+        "torch.save(model.state_dict(), path)"
+    )
 
-    def find_class(self, module: str, name: str):
-        qualified = f"{module}.{name}"
-        if qualified in _CALLABLES:
-            return _Global(qualified)
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(name)
+
+def _call(func, args):
+    if type(func) is not _Global:
         raise _Refused(
-            f"data.pkl references the global {qualified!r}, which is refused: jlstm reads only "
-            "tensors and containers of them (what torch.load(weights_only=True) allows) and runs "
-            "no code from a file; a whole pickled model (torch.save(model)) must be re-saved as "
-            "torch.save(model.state_dict(), path)"
+            f"data.pkl calls {_render(func, 0)}; it may call only {', '.join(_CALLABLES)}"
         )
-
-    def persistent_load(self, pid):
-        if not (
-            isinstance(pid, tuple)
-            and len(pid) == 5
-            and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)
-            and isinstance(pid[2], str)
-            and pid[2].isascii()
-            and pid[2].isalnum()
-            and isinstance(pid[3], str)
-            and type(pid[4]) is int
-            and pid[4] >= 0
-        ):
-            raise _Refused(
-                f"data.pkl has the persistent id {pid!r:.200}; expected ('storage', "
-                "<torch storage type>, key, location, numel)"
-            )
-        _, storage_type, key, _, numel = pid
-        return _Storage(key, _STORAGE_DTYPES[storage_type.name], numel)
+    if type(args) is not tuple:
+        raise _Refused(f"data.pkl calls {func.name} with {_render(args, 0)}, not a tuple")
+    function, least, most = _CALLABLES[func.name]
+    if not least <= len(args) <= most:
+        takes = f"{least}" if least == most else f"{least} or {most}"
+        raise _Refused(f"data.pkl calls {func.name} with {len(args)} arguments; it takes {takes}")
+    return function(*args)
 
 
-def _check_memo(pkl: bytes) -> None:
-    """Rejects memo indices beyond the pickle's opcode count before the C unpickler sizes its memo
-    array by them (one ``LONG_BINPUT 2**31`` would make it allocate and zero 32 GiB)."""
-    count, largest = 0, -1
-    for opcode, arg, _ in pickletools.genops(pkl):
-        count += 1
-        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            largest = max(largest, arg)
-    if largest >= count:
-        raise _Refused(f"data.pkl stores memo entry {largest} but has only {count} opcodes")
+def _persistent_load(pid) -> _Storage:
+    if not (
+        type(pid) is tuple
+        and len(pid) == 5
+        and pid[0] == "storage"
+        and type(pid[1]) is _StorageType
+        and type(pid[2]) is str
+        and 0 < len(pid[2]) <= 64
+        and pid[2].isascii()
+        and pid[2].isalnum()
+        and type(pid[3]) is str
+        and type(pid[4]) is int
+        and 0 <= pid[4] < _INT64
+    ):
+        raise _Refused(
+            f"data.pkl has the persistent id {_render(pid)}; expected ('storage', "
+            "<torch storage type>, key, location, numel)"
+        )
+    _, storage_type, key, _, numel = pid
+    return _Storage(key, _STORAGE_DTYPES[storage_type.name], numel)
+
+
+# What unpickling may allocate, in bytes (CPython's object sizes, rounded up): at most
+# _PICKLE_MEMORY times data.pkl's size, plus _PICKLE_ALLOWANCE. torch.save's pickles of state_dicts
+# and training checkpoints need up to ~24 per byte (protocol 4's one-byte MEMOIZE is the densest);
+# floods of one-byte opcodes that each make a container would need 64 or more.
+_PICKLE_MEMORY = 48
+_PICKLE_ALLOWANCE = 1 << 20
+_PUSH, _OBJECT, _CONTAINER, _ITEM = (
+    8,
+    32,
+    64,
+    96,
+)  # a stack slot, a scalar, a container, a dict item
+_MAX_DEPTH = 100  # containers inside containers; a training checkpoint nests ~5 deep
+_MAX_DIMS = 64  # torch's limit on a tensor's dimensions
+_INT64 = 1 << 63  # sizes, strides, offsets, numels and dict keys that are ints must fit an int64
+
+
+def _unpickle(pkl: bytes):
+    """data.pkl's object, built by an interpreter of only the opcodes ``torch.save`` writes at pickle
+    protocols 2 to 5 (what ``torch/_weights_only_unpickler.py`` reads, plus protocol 4's framing,
+    short strings, memoize and stack-global).
+
+    Nothing it builds is ever hashed, compared or rendered in full: dict keys must be strings or
+    int64s (hashing a key nested 150,000 deep would overflow the C stack), sets and frozensets are
+    refused, and BUILD is allowed only where torch writes it (a state_dict's ``_metadata``, which is
+    ignored). Memo entries must come in order, as every pickler writes them. Memory is charged as
+    objects are made and bounded by the pickle's size; time is linear in it.
+    """
+    if len(pkl) < 2 or pkl[0] != 0x80 or not 2 <= pkl[1] <= 5:
+        raise _Refused("data.pkl does not start with PROTO 2 to 5, as torch.save writes")
+    budget = _PICKLE_MEMORY * len(pkl) + _PICKLE_ALLOWANCE
+    stack, metastack, memo = [], [], []
+    unpack = struct.unpack_from
+    at, end = 2, len(pkl)
+    try:
+        while True:
+            if budget < 0:
+                raise _Refused(
+                    f"data.pkl builds more objects than a state_dict of its size "
+                    f"({_PICKLE_MEMORY} bytes of memory per byte of its {len(pkl)})"
+                )
+            start, op = at, pkl[at]
+            at += 1
+            if op == 0x94:  # MEMOIZE
+                memo.append(stack[-1])
+                budget -= _PUSH
+            elif op == 0x71 or op == 0x72:  # BINPUT, LONG_BINPUT
+                index = pkl[at] if op == 0x71 else unpack("<I", pkl, at)[0]
+                at += 1 if op == 0x71 else 4
+                if index != len(memo):
+                    raise _Refused(
+                        f"data.pkl stores memo entry {index} where entry {len(memo)} is next "
+                        "(picklers number them in order)"
+                    )
+                memo.append(stack[-1])
+                budget -= _PUSH
+            elif op == 0x68 or op == 0x6A:  # BINGET, LONG_BINGET
+                index = pkl[at] if op == 0x68 else unpack("<I", pkl, at)[0]
+                at += 1 if op == 0x68 else 4
+                if index >= len(memo):
+                    raise _Refused(f"data.pkl reads memo entry {index} before storing it")
+                stack.append(memo[index])
+                budget -= _PUSH
+            elif op == 0x28:  # MARK
+                metastack.append(stack)
+                stack = []
+                budget -= _CONTAINER
+            elif op in (0x58, 0x8C, 0x8D, 0x42, 0x43, 0x8E):  # strings and bytes
+                if op == 0x8C or op == 0x43:  # SHORT_BINUNICODE, SHORT_BINBYTES
+                    n, at = pkl[at], at + 1
+                elif op == 0x58 or op == 0x42:  # BINUNICODE, BINBYTES
+                    n, at = unpack("<I", pkl, at)[0], at + 4
+                else:  # BINUNICODE8, BINBYTES8
+                    n, at = unpack("<Q", pkl, at)[0], at + 8
+                if at + n > end:
+                    raise _Refused(f"data.pkl is truncated (a string at byte {start})")
+                data = pkl[at : at + n]
+                at += n
+                stack.append(
+                    data.decode("utf-8", "surrogatepass") if op in (0x58, 0x8C, 0x8D) else data
+                )
+                budget -= _OBJECT + _PUSH + n
+            elif op == 0x4B:  # BININT1: ints below 256 are shared objects
+                stack.append(pkl[at])
+                at += 1
+                budget -= _PUSH
+            elif op == 0x4D:  # BININT2
+                stack.append(unpack("<H", pkl, at)[0])
+                at += 2
+                budget -= _OBJECT + _PUSH
+            elif op == 0x4A:  # BININT
+                stack.append(unpack("<i", pkl, at)[0])
+                at += 4
+                budget -= _OBJECT + _PUSH
+            elif op == 0x8A:  # LONG1 (LONG4, for ints over 2040 bits, is refused)
+                n = pkl[at]
+                if at + 1 + n > end:
+                    raise _Refused(f"data.pkl is truncated (an int at byte {start})")
+                stack.append(int.from_bytes(pkl[at + 1 : at + 1 + n], "little", signed=True))
+                at += 1 + n
+                budget -= _OBJECT + _PUSH + n
+            elif op == 0x47:  # BINFLOAT
+                stack.append(unpack(">d", pkl, at)[0])
+                at += 8
+                budget -= _OBJECT + _PUSH
+            elif op == 0x74:  # TUPLE
+                items = stack
+                stack = metastack.pop()
+                stack.append(tuple(items))
+                budget -= _CONTAINER + _PUSH * len(items)
+            elif op == 0x85:  # TUPLE1
+                stack[-1] = (stack[-1],)
+                budget -= _CONTAINER
+            elif op == 0x86 or op == 0x87:  # TUPLE2, TUPLE3
+                n = op - 0x84
+                if len(stack) < n:
+                    raise IndexError
+                items = tuple(stack[-n:])
+                del stack[-n:]
+                stack.append(items)
+                budget -= _CONTAINER
+            elif op == 0x29:  # EMPTY_TUPLE: a shared object
+                stack.append(())
+                budget -= _PUSH
+            elif op == 0x7D or op == 0x5D:  # EMPTY_DICT, EMPTY_LIST
+                stack.append({} if op == 0x7D else [])
+                budget -= _CONTAINER + _PUSH
+            elif op == 0x73 or op == 0x75:  # SETITEM, SETITEMS
+                if op == 0x73:
+                    items = stack[-2:]
+                    del stack[-2:]
+                else:
+                    items = stack
+                    stack = metastack.pop()
+                target = stack[-1]
+                if type(target) is not dict and type(target) is not collections.OrderedDict:
+                    raise _Refused(f"data.pkl sets items of a {_render(target, 0)}, not a dict")
+                if len(items) % 2:
+                    raise _Refused(f"data.pkl sets a dict item without a value at byte {start}")
+                for i in range(0, len(items), 2):
+                    key = items[i]
+                    if type(key) is not str and not (type(key) is int and -_INT64 <= key < _INT64):
+                        raise _Refused(
+                            f"data.pkl has a dict key {_render(key, 0)}; a checkpoint's dicts "
+                            "are keyed by names (str) or int64s"
+                        )
+                    target[key] = items[i + 1]
+                budget -= _ITEM * (len(items) // 2)
+            elif op == 0x61 or op == 0x65:  # APPEND, APPENDS
+                if op == 0x61:
+                    items = [stack.pop()]
+                else:
+                    items = stack
+                    stack = metastack.pop()
+                if type(stack[-1]) is not list:
+                    raise _Refused(f"data.pkl appends to a {_render(stack[-1], 0)}, not a list")
+                stack[-1].extend(items)
+            elif op == 0x4E or op == 0x88 or op == 0x89:  # NONE, NEWTRUE, NEWFALSE
+                stack.append(None if op == 0x4E else op == 0x88)
+                budget -= _PUSH
+            elif op == 0x63:  # GLOBAL: "module\nname\n"
+                names = []
+                for _ in range(2):
+                    newline = pkl.find(b"\n", at, at + 1000)
+                    if newline < 0:
+                        raise _Refused(f"data.pkl has a malformed GLOBAL at byte {start}")
+                    names.append(pkl[at:newline].decode("utf-8"))
+                    at = newline + 1
+                stack.append(_find_global(*names))
+                budget -= _CONTAINER
+            elif op == 0x93:  # STACK_GLOBAL
+                name = stack.pop()
+                stack[-1] = _find_global(stack[-1], name)
+                budget -= _CONTAINER
+            elif op == 0x52:  # REDUCE
+                args = stack.pop()
+                stack[-1] = _call(stack[-1], args)
+                budget -= 2 * _CONTAINER
+            elif op == 0x51:  # BINPERSID
+                stack[-1] = _persistent_load(stack[-1])
+                budget -= _CONTAINER
+            elif op == 0x62:  # BUILD
+                state = stack.pop()
+                if type(stack[-1]) is not collections.OrderedDict or type(state) is not dict:
+                    raise _Refused(
+                        f"data.pkl sets the state of a {_render(stack[-1], 0)} to "
+                        f"{_render(state, 0)}; torch.save does so only for a state_dict's "
+                        "attributes (an OrderedDict's, from a dict)"
+                    )
+            elif op == 0x95:  # FRAME: protocol 4's framing, which needs no checking here
+                at += 8
+            elif op == 0x2E:  # STOP
+                if at != end or metastack or len(stack) != 1:
+                    raise _Refused(f"data.pkl has a STOP at byte {start} before its end")
+                return stack[0]
+            else:
+                name = pickletools.code2op.get(chr(op))
+                raise _Refused(
+                    f"data.pkl has the opcode {name.name if name else hex(op)} at byte {start}, "
+                    "which torch.save does not write for a state_dict"
+                )
+    except (IndexError, struct.error, UnicodeDecodeError) as e:
+        where = "ends early" if at >= end else f"is malformed at byte {start}"
+        raise _Refused(
+            f"data.pkl is corrupt or truncated: it {where} ({type(e).__name__})"
+        ) from None
 
 
 def _walk(root, max_chars: int) -> dict[str, _Tensor]:
@@ -216,76 +470,226 @@ def _walk(root, max_chars: int) -> dict[str, _Tensor]:
 
     Nested dicts, lists and tuples are descended (a checkpoint ``{"model": sd, "epoch": 3}`` gives
     ``model.<name>``); plain values (numbers, strings, None) are left out. Iterative, visiting each
-    container once and building at most ``max_chars`` characters of names, so that neither a cyclic
-    or deeply nested pickle nor one that shares a long key many times can recurse, loop or swell.
+    container once, at most ``_MAX_DEPTH`` deep, and building at most ``max_chars`` characters of
+    names, so that neither a cyclic or deeply nested pickle nor one that shares a long key many times
+    can recurse, loop or swell.
     """
-    if not isinstance(root, dict):
+    if type(root) is not dict and type(root) is not collections.OrderedDict:
         raise _Refused(f"data.pkl holds a {type(root).__name__}, not a state_dict (a dict)")
+    for key in root:
+        if type(key) is not str:
+            raise _Refused(f"the state_dict has the key {_render(key)}; its keys are names (str)")
     containers = (dict, collections.OrderedDict, list, tuple)
-    tensors, seen, stack, chars = {}, set(), [("", root)], 0
+    tensors, seen, stack, chars = {}, set(), [("", root, 0)], 0
     while stack:
-        path, node = stack.pop()
-        if isinstance(node, _Tensor):
+        path, node, depth = stack.pop()
+        if type(node) is _Tensor:
             if path in tensors:
-                raise _Refused(f"two tensors are named {path!r}")
+                raise _Refused(f"two tensors are named {_render(path)}")
             tensors[path] = node
             continue
-        where = repr(path) if path else "the state_dict"
+        where = _render(path) if path else "the state_dict"
+        if depth > _MAX_DEPTH:
+            raise _Refused(f"{where} is nested more than {_MAX_DEPTH} containers deep")
         if node and id(node) in seen:
             raise _Refused(f"{where} is reached twice (a cyclic pickle)")
         seen.add(id(node))
         children = []
         for key, value in node.items() if isinstance(node, dict) else enumerate(node):
-            if not isinstance(key, str | int) or isinstance(key, bool):
-                raise _Refused(f"{where} has a {type(key).__name__} key")
-            if type(value) in containers or isinstance(value, _Tensor):
+            if type(value) in containers or type(value) is _Tensor:
                 name = f"{path}.{key}" if path else str(key)
                 chars += len(name)
                 if chars > max_chars:
                     raise _Refused(f"the state_dict's names add up to over {max_chars} characters")
-                children.append((name, value))
-            elif not isinstance(value, int | float | str | bytes | type(None)):
-                raise _Refused(f"{where}[{key!r}] is a {type(value).__name__}, not a tensor")
+                children.append((name, value, depth + 1))
+            elif type(value) not in (int, float, str, bytes, bool, type(None)):
+                raise _Refused(f"{where}[{_render(key)}] is {_render(value, 0)}, not a tensor")
         stack.extend(reversed(children))
     return tensors
 
 
+# The zip records torch's reader (miniz) reads: end of central directory (and its zip64 locator
+# and record), central directory entries, local headers.
+_END = struct.Struct("<4sHHHHIIH")
+_LOCATOR = struct.Struct("<4sIQI")
+_END64 = struct.Struct("<4sQHHIIQQQQ")
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")
+_SATURATED = 0xFFFFFFFF  # a 32-bit size or offset whose value is in the zip64 extra field
+
+
+class _Member(NamedTuple):
+    name: str
+    start: int  # of its data
+    size: int
+    crc: int
+
+
+def _read_at(file, offset: int, size: int) -> bytes:
+    file.seek(offset)
+    data = file.read(size)
+    if len(data) != size:
+        raise _Refused(f"the zip archive is truncated (at byte {offset})")
+    return data
+
+
+def _zip64_values(extra: bytes, values: tuple[int, ...]) -> list[int]:
+    """The saturated ones of ``values`` (sizes, then offset) replaced from the zip64 extra field."""
+    at = 0
+    while at + 4 <= len(extra):
+        kind, n = struct.unpack_from("<HH", extra, at)
+        if kind == 1:
+            field, out = extra[at + 4 : at + 4 + n], []
+            for value in values:
+                if value == _SATURATED:
+                    value, field = struct.unpack_from("<Q", field)[0], field[8:]
+                out.append(value)
+            return out
+        at += 4 + n
+    raise _Refused("a zip member has saturated sizes but no zip64 field")
+
+
 class _Archive:
-    """One torch zip checkpoint: its members checked against the file, read and CRC-checked once."""
+    """One torch zip checkpoint, read the one way torch's reader (miniz) reads it.
+
+    The central directory is where the end record says, and ends where the end record (or its
+    zip64 record) begins; the first local header is at byte 0; members do not overlap; every local
+    header agrees with its central entry; names are unique. A zip that other readers could read
+    differently (Python's zipfile, for one, looks for the central directory just before the end
+    record) is refused rather than read one way or the other. Members are read and CRC-checked.
+    """
 
     def __init__(self, file, size: int):
-        self.zip = zipfile.ZipFile(file)
-        infos = self.zip.infolist()
-        if not infos:
+        self.file = file
+        tail_start = max(0, size - _END.size - 0xFFFF)
+        tail = _read_at(file, tail_start, size - tail_start)
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < _END.size:
+            raise _Refused("it has no zip end record (truncated?)")
+        end = tail_start + at
+        _, disk, cd_disk, count_here, count, cd_size, cd_offset, comment = _END.unpack_from(
+            tail, at
+        )
+        if end + _END.size + comment != size:
+            raise _Refused(f"its zip end record (at byte {end}) is not at the end of the file")
+        cd_end = end
+        if (
+            end >= _LOCATOR.size
+            and tail[at - _LOCATOR.size : at - _LOCATOR.size + 4] == b"PK\x06\x07"
+        ):
+            _, locator_disk, end64, disks = _LOCATOR.unpack(_read_at(file, end - _LOCATOR.size, 20))
+            record = _END64.unpack(_read_at(file, end64, _END64.size))
+            if record[0] != b"PK\x06\x06" or end64 + 12 + record[1] != end - _LOCATOR.size:
+                raise _Refused("its zip64 end record is not where its locator says")
+            if locator_disk or disks != 1:
+                raise _Refused("it is a zip archive split over several disks")
+            wide = record[4:]  # disk, directory's disk, entries here, entries, size, offset
+            for short, long, saturated in zip(
+                (disk, cd_disk, count_here, count, cd_size, cd_offset),
+                wide,
+                (0xFFFF,) * 4 + (_SATURATED,) * 2,
+                strict=True,
+            ):
+                if short not in (long, saturated):
+                    raise _Refused("its zip end record and zip64 end record disagree")
+            disk, cd_disk, count_here, count, cd_size, cd_offset = wide
+            cd_end = end64
+        if disk or cd_disk or count_here != count:
+            raise _Refused("it is a zip archive split over several disks")
+        if cd_offset + cd_size != cd_end:
+            raise _Refused(
+                f"its central directory ({cd_size} bytes at byte {cd_offset}) does not end where "
+                f"the end record begins (byte {cd_end}); zip readers would disagree on its contents"
+            )
+        if count == 0:
             raise _Refused("the zip archive is empty")
-        self.prefix = infos[0].filename.split("/")[0] + "/"
-        self.members, self.stored_bytes = {}, 0
-        for info in infos:
-            name = info.filename
+        if count * _CENTRAL.size > cd_size:
+            raise _Refused(f"its central directory cannot hold the {count} entries it declares")
+        directory = _read_at(file, cd_offset, cd_size)
+        entries, at = [], 0
+        for _ in range(count):
+            fields = _CENTRAL.unpack_from(directory, at)
+            signature, flags, method, crc, packed, size_, name_len, extra_len = (
+                fields[0],
+                fields[3],
+                fields[4],
+                fields[7],
+                fields[8],
+                fields[9],
+                fields[10],
+                fields[11],
+            )
+            offset = fields[16]
+            raw_name = directory[at + 46 : at + 46 + name_len]
+            extra = directory[at + 46 + name_len : at + 46 + name_len + extra_len]
+            at += 46 + name_len + extra_len + fields[12]
+            if signature != b"PK\x01\x02" or at > cd_size:
+                raise _Refused("its central directory is malformed")
+            name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
+            if _SATURATED in (packed, size_, offset):
+                size_, packed, offset = _zip64_values(extra, (size_, packed, offset))
+            if flags & 0x41:
+                raise _Refused(f"member {_render(name)} is encrypted")
+            if method != 0:
+                raise _Refused(
+                    f"member {_render(name)} is compressed; torch.save stores members as is"
+                )
+            if packed != size_:
+                raise _Refused(f"member {_render(name)} has two different sizes")
+            entries.append((offset, name, raw_name, flags, crc, size_))
+        if at != cd_size:
+            raise _Refused("its central directory has bytes after its last entry")
+        self.prefix = entries[0][1].split("/")[0] + "/"
+        self.members: dict[str, _Member] = {}
+        previous_end = 0
+        for offset, name, raw_name, flags, crc, size_ in sorted(entries):
             if not name.startswith(self.prefix) or name in self.members:
-                raise _Refused(f"member {name!r} is not in one archive folder {self.prefix!r}")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise _Refused(f"member {name!r} is compressed; torch.save stores members as is")
-            if info.file_size != info.compress_size or info.header_offset + info.file_size > size:
-                raise _Refused(f"member {name!r} points outside the archive ({size} bytes)")
-            self.members[name] = info
-            if name.startswith(f"{self.prefix}data/"):
-                self.stored_bytes += info.file_size
+                raise _Refused(
+                    f"member {_render(name)} is not in one archive folder {_render(self.prefix)} "
+                    "or appears twice"
+                )
+            if offset != previous_end and not self.members or offset < previous_end:
+                raise _Refused(
+                    f"member {_render(name)} (at byte {offset}) overlaps another member or "
+                    "follows data that no member holds"
+                )
+            header = _LOCAL.unpack(_read_at(file, offset, _LOCAL.size))
+            local_flags, local_crc, local_sizes = header[2], header[6], (header[8], header[7])
+            name_len, extra_len = header[9], header[10]
+            local_name = _read_at(file, offset + _LOCAL.size, name_len)
+            if _SATURATED in local_sizes:
+                local_extra = _read_at(file, offset + _LOCAL.size + name_len, extra_len)
+                local_sizes = tuple(_zip64_values(local_extra, local_sizes))
+            deferred = flags & 0x8 and local_crc == 0 and local_sizes == (0, 0)  # data descriptor
+            if (
+                header[0] != b"PK\x03\x04"
+                or local_name != raw_name
+                or local_flags != flags
+                or header[3] != 0
+                or not deferred
+                and (local_crc, local_sizes) != (crc, (size_, size_))
+            ):
+                raise _Refused(f"member {_render(name)}'s local header disagrees with its entry")
+            start = offset + _LOCAL.size + name_len + extra_len
+            previous_end = start + size_
+            if previous_end > cd_offset:
+                raise _Refused(f"member {_render(name)} runs into the central directory")
+            self.members[name] = _Member(name, start, size_, crc)
         self.storages: dict[str, np.ndarray] = {}
 
     def read(self, record: str, *, limit: int | None = None) -> bytes | None:
-        info = self.members.get(self.prefix + record)
-        if info is None:
+        member = self.members.get(self.prefix + record)
+        if member is None:
             return None
-        if limit is not None and info.file_size > limit:
-            raise _Refused(f"{record} has {info.file_size} bytes, more than {limit}")
-        data = self.zip.read(info)  # raises BadZipFile on a CRC-32 mismatch
-        if len(data) != info.file_size:
-            raise _Refused(f"{record} is truncated")
+        if limit is not None and member.size > limit:
+            raise _Refused(f"{record} has {member.size} bytes, more than {limit}")
+        data = _read_at(self.file, member.start, member.size)
+        if zlib.crc32(data) != member.crc:
+            raise _Refused(f"Bad CRC-32 for file {_render(member.name)}")
         return data
 
     def storage(self, storage: _Storage, byteorder: str) -> np.ndarray:
-        """The storage as a flat array of its dtype, in native byte order."""
+        """The storage as a flat array of its dtype, in native byte order; each is read once."""
         key = storage.key
         if key not in self.storages:
             data = self.read(f"data/{key}")
@@ -310,14 +714,13 @@ class _Archive:
         return array
 
 
-def _array(archive: _Archive, name: str, tensor: _Tensor, byteorder: str) -> np.ndarray:
-    storage = archive.storage(tensor.storage, byteorder)
+def _array(storage: np.ndarray, name: str, tensor: _Tensor) -> np.ndarray:
     shape, stride, offset = tensor.shape, tensor.stride, tensor.offset
     end = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) + 1
     if end > storage.size if math.prod(shape) else offset > storage.size:
         raise _Refused(
-            f"tensor {name!r} (offset {offset}, size {shape}, stride {stride}) points outside its "
-            f"storage of {storage.size} elements"
+            f"tensor {_render(name)} (offset {offset}, size {shape}, stride {stride}) points "
+            f"outside its storage of {storage.size} elements"
         )
     itemsize = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
@@ -326,31 +729,49 @@ def _array(archive: _Archive, name: str, tensor: _Tensor, byteorder: str) -> np.
     return np.array(view, order="C")  # a copy: C-contiguous, writable, not the file's bytes
 
 
+# torch.load refuses files whose version record is outside these (PyTorchStreamReader's
+# kMinSupportedFileFormatVersion and kMaxSupportedFileFormatVersion); it reads the number as
+# std::stoull does: leading white space, digits, anything after them ignored.
+_VERSIONS = range(1, 11)
+_STOULL = re.compile(rb"[ \t\n\v\f\r]*\+?([0-9]{1,19})")
+
+
 def _read_zip(file, size: int) -> dict[str, np.ndarray]:
     archive = _Archive(file, size)
-    byteorder = (archive.read("byteorder", limit=16) or b"little").decode("ascii")
-    if byteorder not in ("little", "big"):
-        raise _Refused(f"byteorder record is {byteorder!r}, not 'little' or 'big'")
-    version = archive.read("version", limit=16)
-    if version is not None and not version.strip().isdigit():
-        raise _Refused(f"version record is {version!r}, not a number")
+    byteorder = archive.read("byteorder", limit=16)
+    if byteorder is None:
+        byteorder = b"little"  # torch.load's default for files without the record
+    if byteorder not in (b"little", b"big"):
+        raise _Refused(
+            f"byteorder record is {_render(byteorder)}, not b'little' or b'big' (torch.load "
+            "refuses it too)"
+        )
+    version = archive.read(".data/version", limit=64) or archive.read("version", limit=64)
+    if version is None:
+        raise _Refused(f"the zip archive has no {archive.prefix}version record, which torch needs")
+    number = _STOULL.match(version)
+    if not number or int(number[1]) not in _VERSIONS:
+        raise _Refused(
+            f"version record is {_render(version)}; torch.load reads versions "
+            f"{_VERSIONS[0]} to {_VERSIONS[-1]} and refuses this file too"
+        )
     pkl = archive.read("data.pkl", limit=_MAX_PICKLE_BYTES)
     if pkl is None:
         raise _Refused(f"the zip archive has no {archive.prefix}data.pkl: not a torch checkpoint")
-    _check_memo(pkl)
     # Names take a small multiple of the pickle's bytes (it holds each key once, prefixes aside).
-    tensors = _walk(_Unpickler(io.BytesIO(pkl)).load(), max_chars=16 * len(pkl) + (1 << 20))
-    budget = _MAX_EXPANSION * archive.stored_bytes + _EXPANSION_ALLOWANCE
-    arrays = {}
+    tensors = _walk(_unpickle(pkl), max_chars=16 * len(pkl) + (1 << 20))
+    storages = {name: archive.storage(t.storage, byteorder.decode()) for name, t in tensors.items()}
+    # Members do not overlap and each storage is counted once, so this is at most the file's size.
+    stored = sum(array.nbytes for array in archive.storages.values())
+    budget = _MAX_EXPANSION * stored + _EXPANSION_ALLOWANCE
     for name, tensor in tensors.items():
         budget -= math.prod(tensor.shape) * tensor.storage.dtype.itemsize
         if budget < 0:
             raise _Refused(
-                f"its tensor views expand to more than {_MAX_EXPANSION} times the "
-                f"{archive.stored_bytes} bytes stored (at {name!r}); overlapping views are refused"
+                f"its tensor views expand to more than {_MAX_EXPANSION} times the {stored} bytes "
+                f"stored (at {_render(name)}); overlapping views are refused"
             )
-        arrays[name] = _array(archive, name, tensor, byteorder)
-    return arrays
+    return {name: _array(storages[name], name, tensor) for name, tensor in tensors.items()}
 
 
 def _read(path) -> dict[str, np.ndarray]:
@@ -374,10 +795,12 @@ def _read(path) -> dict[str, np.ndarray]:
             )
         except _Refused as e:
             raise ValueError(f"jlstm cannot load {os.fspath(path)!r}: {e}") from None
+        except MemoryError:
+            raise
         except Exception as e:  # any failure to parse untrusted bytes is the file's fault
             raise ValueError(
                 f"jlstm cannot load {os.fspath(path)!r}: the file is corrupt or truncated "
-                f"({type(e).__name__}: {e})"
+                f"({type(e).__name__}: {_render(str(e))})"
             ) from e
 
 
@@ -523,6 +946,14 @@ def save_torch_state_dict(path: str | os.PathLike, state_dict: Mapping) -> None:
     for name, value in state_dict.items():
         if not isinstance(name, str):
             raise TypeError(f"save_torch_state_dict: names must be str, got {name!r}")
+        if not name.isascii():
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"save_torch_state_dict: the name {name!r} holds a lone surrogate, which "
+                    "UTF-8 (and so a checkpoint file) cannot store; rename it"
+                ) from None
         array = np.asarray(_to_numpy(value), order="C")  # (ascontiguousarray makes 0-d 1-d)
         if array.dtype not in _STORAGE_NAMES:
             raise ValueError(
@@ -532,14 +963,47 @@ def save_torch_state_dict(path: str | os.PathLike, state_dict: Mapping) -> None:
         arrays[name] = array
     suffix = os.path.splitext(os.fspath(path))[1]
     if suffix == ".safetensors":
-        safetensors.numpy.save_file(arrays, path)
+        _replace(path, lambda temporary: safetensors.numpy.save_file(arrays, temporary))
     elif suffix in (".pt", ".pth", ".bin"):
-        _write_zip(path, arrays)
+        _replace(path, lambda temporary: _write_zip(temporary, arrays))
     else:
         raise ValueError(
             f"save_torch_state_dict: cannot tell the format of {os.fspath(path)!r} from its suffix "
             f"{suffix!r}; use .safetensors, or .pt/.pth/.bin for torch.save's format"
         )
+
+
+def _replace(path, write) -> None:
+    """Calls ``write(temporary)`` on a new file beside ``path``, flushes it to disk and renames it
+    over ``path``, so that ``path`` is the old file or the whole new one, never a part of either.
+    On failure the temporary file is removed. The file gets the mode ``torch.save`` would give it:
+    the old file's, or for a new one 0o666 less the umask (the kernel applies it to os.open's)."""
+    path = os.fspath(path)
+    folder, base = os.path.split(os.path.abspath(path))
+    while True:
+        temporary = os.path.join(folder, f".{base}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        mode = os.fstat(fd).st_mode
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.stat(path).st_mode
+        os.close(fd)
+        write(temporary)  # safetensors replaces the file with one of mode 0o600
+        os.chmod(temporary, stat.S_IMODE(mode))
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def save_torch(path: str | os.PathLike, params: Mapping, *, prefix: str = "") -> None:

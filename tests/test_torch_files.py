@@ -10,8 +10,10 @@ ValueError that names the file, without running anything from it.
 import functools
 import io
 import json
+import os
 import pickle
 import re
+import stat
 import struct
 import subprocess
 import sys
@@ -618,44 +620,49 @@ BAD_ARCHIVES = {
     "memo bomb": (
         b"\x80\x02Nr\xff\xff\xff\x7f.",
         None,
-        "memo entry 2147483647 but has only 4 opcodes",
+        "stores memo entry 2147483647 where entry 0 is next",
     ),
     "not a dict": (dumps((tensor(),)), None, "data.pkl holds a tuple, not a state_dict"),
     "cycle": (b"\x80\x02}q\x00X\x01\x00\x00\x00ah\x00s.", None, "'a' is reached twice"),
     "uncalled global": (
         dumps({"w": Global(("collections", "OrderedDict"))}),
         None,
-        "the state_dict['w'] is a _Global, not a tensor",
+        "the state_dict['w'] is collections.OrderedDict, not a tensor",
     ),
     "same name twice": (
         dumps({"a.b": tensor(), "a": {"b": tensor()}}),
         None,
         "two tensors are named 'a.b'",
     ),
-    "deep nesting": (  # {"a": [[[...]]]}, 20000 lists deep: names of 2, 4, 6, ... characters
+    "deep nesting": (  # {"a": [[[...]]]}, 20000 lists deep
         b"\x80\x02}X\x01\x00\x00\x00a" + b"]" * 20_000 + b"a" * 19_999 + b"s.",
         None,
-        "the state_dict's names add up to over 1688736 characters",
+        "is nested more than 100 containers deep",
+    ),
+    "long names": (  # {"nnn...": [[], [], ...]}: 20000 names of over 20000 characters each
+        b"\x80\x02}X" + struct.pack("<I", 20_000) + b"n" * 20_000 + b"](" + b"]" * 20_000 + b"es.",
+        None,
+        "the state_dict's names add up to over",
     ),
     "storage called": (
         dumps({"w": Call((Global(("torch", "FloatStorage")), ()))}),
         None,
-        "TypeError",
+        "data.pkl calls torch.FloatStorage; it may call only torch._utils._rebuild_tensor_v2",
     ),
     "ordered dict args": (
         dumps({"w": Call((Global(("collections", "OrderedDict")), ((),)))}),
         None,
-        "OrderedDict is called with arguments",
+        "calls collections.OrderedDict with 1 arguments; it takes 0",
     ),
     "byteorder": (
         dumps({"w": tensor()}),
         {"data/0": bytes(16), "byteorder": b"middle"},
-        "byteorder record is 'middle'",
+        "byteorder record is b'middle', not b'little' or b'big' (torch.load refuses it too)",
     ),
     "version": (
         dumps({"w": tensor()}),
         {"data/0": bytes(16), "version": b"three"},
-        "version record is b'three'",
+        "version record is b'three'; torch.load reads versions 1 to 10",
     ),
     "bool bytes": (
         dumps({"w": tensor(storage="BoolStorage", numel=2, size=(2,))}),
@@ -667,7 +674,11 @@ BAD_ARCHIVES = {
         None,
         "storage '0' is used as both float32 and int32",
     ),
-    "truncated pickle": (dumps({"w": tensor()})[:-9], None, "corrupt or truncated"),
+    "truncated pickle": (
+        dumps({"w": tensor()})[:-1],
+        None,
+        "data.pkl is corrupt or truncated: it ends early",
+    ),
 }
 
 
@@ -728,7 +739,7 @@ DAMAGED = {
     ),
     "truncated zip": (
         lambda source: source.read_bytes()[:9000],
-        "corrupt or truncated (BadZipFile",
+        "it has no zip end record (truncated?)",
     ),
     "bad safetensors header": (
         lambda source: b"\x40\x00\x00\x00\x00\x00\x00\x00{" + b" " * 70,
@@ -779,6 +790,93 @@ def test_save_errors(tmp_path):
     ):
         jlstm.save_torch(tmp_path / "model.pt", {"embedding.weight": np.zeros(2)})
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+# --- saves replace a file whole or not at all; records torch refuses -----------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, suffix):
+    """A name UTF-8 cannot hold, or a disk that fills up halfway, leaves the old file whole."""
+    import errno
+
+    import safetensors.numpy
+
+    path = tmp_path / f"model{suffix}"
+    jlstm.save_torch_state_dict(path, EDGES)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="holds a lone surrogate, which UTF-8"):
+        jlstm.save_torch_state_dict(path, {"w\ud800": np.zeros(2)})
+    written = []
+
+    def disk_full(file, *args):
+        if hasattr(file, "write"):  # torch_files._zip_record(file, archive, name, data)
+            written.append(file.write(b"partial"))
+        else:  # safetensors.numpy.save_file(arrays, path)
+            Path(args[0]).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch_files, "_zip_record", disk_full)
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        jlstm.save_torch_state_dict(path, {"w": np.ones(3)})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    assert_bitwise(jlstm.load_torch_state_dict(path), EDGES, ordered=suffix == ".pt")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_saved_file_mode_follows_the_umask(tmp_path, suffix):
+    """As torch.save's (open(path, "wb")): 0o666 less the umask when new, unchanged when replaced."""
+    old = os.umask(0o027)
+    try:
+        jlstm.save_torch_state_dict(tmp_path / f"new{suffix}", EDGES)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / f"new{suffix}").stat().st_mode) == 0o640
+    (tmp_path / f"new{suffix}").chmod(0o604)
+    jlstm.save_torch_state_dict(tmp_path / f"new{suffix}", EDGES)
+    assert stat.S_IMODE((tmp_path / f"new{suffix}").stat().st_mode) == 0o604
+
+
+RECORDS = {
+    # name: (change to the golden file's records, what jlstm says (None: it reads the file))
+    "version 99": (replace_record("version", b"99"), "version record is b'99'; torch.load reads"),
+    "version 0": (replace_record("version", b"0\n"), "version record is b'0\\n'"),
+    "version 10": (replace_record("version", b"10"), None),
+    "version ' 3x'": (replace_record("version", b" 3x"), None),
+    "no version": (
+        replace_record("version", None),
+        "the zip archive has no model_float32/version record",
+    ),
+    "empty byteorder": (replace_record("byteorder", b""), "byteorder record is b''"),
+    "byteorder 'little\\n'": (replace_record("byteorder", b"little\n"), "byteorder record is"),
+    "no byteorder": (replace_record("byteorder", None), None),  # torch reads it as little-endian
+}
+
+
+@pytest.mark.parametrize("name", list(RECORDS))
+def test_version_and_byteorder_records_as_torch_reads_them(tmp_path, name):
+    change, message = RECORDS[name]
+    path = tmp_path / "model.pt"
+    path.write_bytes(copied(GOLDEN / "model_float32.pt", change))
+    if message is None:
+        assert_bitwise(jlstm.load_torch_state_dict(path), expected("float32"), ordered=True)
+    else:
+        with pytest.raises(ValueError, match=re.escape(f"'{path}': {message}")):
+            jlstm.load_torch_state_dict(path)
+
+
+@pytest.mark.parametrize("name", list(RECORDS))
+def test_torch_refuses_the_same_records(torch, tmp_path, name):
+    change, message = RECORDS[name]
+    path = tmp_path / "model.pt"
+    path.write_bytes(copied(GOLDEN / "model_float32.pt", change))
+    if message is None:
+        torch.load(path, weights_only=True)
+    else:
+        with pytest.raises((RuntimeError, ValueError)):
+            torch.load(path, weights_only=True)
 
 
 # --- fuzz: every damaged file is a ValueError or reads exactly -------------------------------------
