@@ -207,8 +207,8 @@ def cpu_section(record: dict) -> str:
     out += [
         "",
         "| case (B, T, I, H, layers, dir) | mode | torch ms | jlstm ms | jlstm/torch | jlstm/flax "
-        "| fused/torch | torch % of peak | jlstm % of peak | marks |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| fused/torch | torch % of peak | jlstm % of peak | jlstm after torch / alone | marks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["results"]:
         pct = [_f(r.get(k) and r[k] * 100, ".0f") for k in ("torch_of_peak", "jlstm_of_peak")]
@@ -218,7 +218,7 @@ def cpu_section(record: dict) -> str:
             f"| {_f(_ms(r, 'jlstm') and _ms(r, 'jlstm') * 1e3, '.2f')} "
             f"| {_f(_ratio(r, 'jlstm', 'torch'), '.2f')} | {_f(_ratio(r, 'jlstm', 'flax'), '.2f')} "
             f"| {_f(_ratio(r, 'jlstm-fused', 'torch'), '.2f')} | {pct[0]} | {pct[1]} "
-            f"| {_marks(r)} |"
+            f"| {_f(_ratio(r, 'jlstm-after-torch', 'jlstm'), '.2f')} | {_marks(r)} |"
         )
     epoch = record.get("mnist_epoch")
     if epoch:

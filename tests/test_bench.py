@@ -82,7 +82,10 @@ def test_bench_writes_checked_timings_and_memory(tmp_path, capsys, monkeypatch):
         # held against the machine's GEMM peak, measured first (in a child process)
         assert 0 < record["torch_of_peak"] < 2 and 0 < record["jlstm_of_peak"] < 2
         assert record["target"].startswith(("≤ 0.85: ", "≤ 1, ≥ 90 % of step GEMM: "))
-        assert set(record["gflops"]) == {"torch", "jlstm", "flax"}
+        # jlstm timed again right after each of torch's calls, whose time is not counted
+        after = record["impls"][adapters.AFTER_TORCH]
+        assert len(after["samples_s"]) == 2 and after["median_s"] > 0
+        assert set(record["gflops"]) == {"torch", "jlstm", "flax", adapters.AFTER_TORCH}
         assert len(record["probe_samples_s"]) == 2 and record["probe_gflops"] > 0
     fwd, train = report_["results"]
     assert (fwd["speed"], fwd["slow"]) == (1.0, False) and "tries" not in fwd
@@ -346,6 +349,23 @@ def test_the_probe_is_timed_in_every_sample_after_a_pause_and_one_untimed_call(s
     # Without the pause, the untimed call alone does not get past the slow spell.
     assert (timings["probe"]["median_s"] < 0.01) is (settle_s > 0.05)
     assert set(timings) == {"impl", "probe"} and "probe" not in timing.time_round_robin({}, 1, 0)
+
+
+def test_beside_times_each_call_right_after_its_neighbours_untimed_call():
+    calls = []
+
+    def neighbour():
+        calls.append("neighbour")
+        time.sleep(0.02)  # not in the time
+
+    def impl():
+        calls.append("impl")
+        time.sleep(0.002)
+
+    beside = timing.Beside(timing.Timed(impl, lambda r: r), timing.Timed(neighbour, lambda r: r))
+    timings = timing.time_round_robin({"beside": beside}, 2, 0.0)
+    assert 0.002 <= timings["beside"]["median_s"] < 0.015
+    assert calls == ["neighbour", "impl"] * (len(calls) // 2)  # the neighbour before every call
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7])

@@ -35,6 +35,9 @@ JLSTM_IMPLS = {
     "jlstm-cudnn": "cudnn",
 }
 GPU_ONLY = ("cudnn", "jlstm-pallas", "jlstm-cudnn")
+# jlstm timed right after each of torch's calls (timing.Beside), on CPU: its time beside a thread
+# pool that still spins.
+AFTER_TORCH = "jlstm-after-torch"
 
 
 class Impl(NamedTuple):

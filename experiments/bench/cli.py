@@ -15,11 +15,11 @@ import torch
 from experiments import bench
 from experiments import results as committed
 from experiments.bench import adapters, machine, peak, report
-from experiments.bench.adapters import IMPLS
+from experiments.bench.adapters import AFTER_TORCH, IMPLS
 from experiments.bench.cases import BENCH_CASES, CASES, MODES, QUICK_CASES, Case
 from experiments.bench.epoch import bench_epoch
 from experiments.bench.memory import bench_memory, torch_memory_child
-from experiments.bench.timing import max_rel_err, time_round_robin
+from experiments.bench.timing import Beside, max_rel_err, time_round_robin
 
 
 def bench_case(
@@ -49,6 +49,10 @@ def bench_case(
             print(f"  {name}/{mode}/{impl_name}: {rec['error']} -- not timed", flush=True)
             continue
         impls[impl_name] = impl
+    if args.torch_device == "cpu" and {"torch", "jlstm"} <= impls.keys():
+        # jlstm again, each call right after one of torch's, while torch's OpenMP team still spins.
+        impls[AFTER_TORCH] = Beside(impls["jlstm"], impls["torch"])
+        record["impls"][AFTER_TORCH] = {}
     # The probe runs in every sample beside them: how fast the machine ran meanwhile.
     probe = machine.gemm_probe()
     timings = time_round_robin(

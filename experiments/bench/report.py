@@ -3,7 +3,7 @@ epoch; and the marks of measurements taken under load."""
 
 from __future__ import annotations
 
-from experiments.bench.adapters import IMPLS
+from experiments.bench.adapters import AFTER_TORCH, IMPLS
 from experiments.bench.machine import OTHERS_FRACTION, SLOW_FRACTION
 
 LOADED_MARK = "*"
@@ -87,6 +87,8 @@ def table(results: list[dict]) -> str:
     others = [n for n in names if n != "torch"]
     head = ["case", "mode", *(f"{n} ms" for n in names), *(f"{n}/torch" for n in others)]
     head += ["jlstm/flax", *(f"{n} compile s" for n in others)]
+    beside = any("median_s" in r["impls"].get(AFTER_TORCH, {}) for r in results)
+    head += ["jlstm after torch / alone"] if beside else []
     judged = any("target" in r for r in results)
     if judged:  # against the machine's float32 GEMM peak (experiments.bench.peak)
         head += ["torch % of peak", "jlstm % of peak", "jlstm % of step GEMM", "target"]
@@ -102,6 +104,9 @@ def table(results: list[dict]) -> str:
         row += [fmt(ratio(n, "torch"), ".2f") for n in others]
         row += [fmt(ratio("jlstm", "flax"), ".2f")]
         row += [fmt(r["impls"].get(n, {}).get("compile_s"), ".1f") for n in others]
+        if beside:
+            after = r["impls"].get(AFTER_TORCH, {}).get("median_s")
+            row += [fmt(after and t["jlstm"] and after / t["jlstm"], ".2f")]
         if judged:
             row += [fmt(r.get(k) and r[k] * 100, ".0f") for k in PEAK_SHARES]
             row += [r.get("target", "–")]

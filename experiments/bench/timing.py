@@ -23,6 +23,16 @@ class Timed(NamedTuple):
     sync: Callable[[Any], Any]  # waits for the result of `run`
 
 
+class Beside(NamedTuple):
+    """``impl`` timed right after each call of ``neighbour``, which is not timed: what ``impl``
+    loses to a library whose threads go on spinning after their own call returns (torch's OpenMP
+    team, with its default wait policy, keeps cores busy for milliseconds), as when a program keeps
+    torch beside jlstm in one process."""
+
+    impl: Timed
+    neighbour: Timed
+
+
 def max_rel_err(got: dict, want: dict) -> float:
     """Largest |got - want| per array, relative to that array's largest |want| (float32 scale).
 
@@ -63,16 +73,29 @@ def orders(n: int, samples: int) -> list[list[int]]:
     return [rows[s % len(rows)] for s in range(samples)] if n else [[] for _ in range(samples)]
 
 
-def _iterations(impl: Timed, sample_s: float) -> int:
+def _iterations(impl: Timed | Beside, sample_s: float) -> int:
     """How many iterations of ``impl`` fill about ``sample_s`` seconds (after one to warm up)."""
-    impl.sync(impl.run())
+    calls = (impl.neighbour, impl.impl) if isinstance(impl, Beside) else (impl,)
+    for each in calls:
+        each.sync(each.run())
     start = time.perf_counter()
-    impl.sync(impl.run())
+    for each in calls:
+        each.sync(each.run())
     return max(1, min(1000, round(sample_s / (time.perf_counter() - start))))
 
 
-def _sample(impl: Timed, n: int) -> tuple[float, float]:
-    """Wall and process CPU seconds per iteration over ``n`` iterations, synced at the end."""
+def _sample(impl: Timed | Beside, n: int) -> tuple[float, float]:
+    """Wall and process CPU seconds per iteration over ``n`` iterations, synced at the end (each
+    iteration on its own, right after its neighbour's call, for a :class:`Beside`)."""
+    if isinstance(impl, Beside):
+        wall = cpu = 0.0
+        for _ in range(n):
+            impl.neighbour.sync(impl.neighbour.run())
+            start, cpu_start = time.perf_counter(), time.process_time()
+            impl.impl.sync(impl.impl.run())
+            wall += time.perf_counter() - start
+            cpu += time.process_time() - cpu_start
+        return wall / n, cpu / n
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(n):
         r = impl.run()
@@ -81,7 +104,7 @@ def _sample(impl: Timed, n: int) -> tuple[float, float]:
 
 
 def time_round_robin(
-    impls: dict[str, Timed],
+    impls: dict[str, Timed | Beside],
     samples: int,
     sample_s: float,
     probe: Timed | None = None,
