@@ -311,7 +311,7 @@ def _find() -> Loaded:
     """The library this process loads; raises :class:`NativeUnavailable` with why there is none."""
     level, why = isa_choice()
     asked = os.environ.get("JLSTM_NATIVE_ISA", "").strip().lower()
-    if _build_requested() and level is not None or (asked in ("", "auto") and _build_requested()):
+    if _build_requested() and (level is not None or asked in ("", "auto")):
         if (reason := _supported_platform()) is not None:
             raise NativeUnavailable(reason)
         level = asked if asked in LEVELS else None
@@ -438,12 +438,15 @@ _COSTS = {
 }
 
 
-@functools.cache
+_warned: set[str] = set()  # the causes warned about in this process
+
+
 def warn_fallback(cause: str, reason: str) -> None:
     """Issues :class:`NativeFallbackWarning` once per process and ``cause`` (``"loop"`` or
-    ``"blas"``), unless the C++ loop was turned off (``JLSTM_NATIVE_ISA=off``)."""
-    if _turned_off():
+    ``"blas"``), saying ``reason``, unless the C++ loop was turned off (``JLSTM_NATIVE_ISA=off``)."""
+    if _turned_off() or cause in _warned:
         return
+    _warned.add(cause)
     warnings.warn(
         f"jlstm: {_COSTS[cause]}: {reason}. (`python -m jlstm.native` says what runs; "
         "docs/native_build.md)",

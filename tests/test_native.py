@@ -57,7 +57,7 @@ def test_auto_skips_the_native_loop_when_turned_off(kind, monkeypatch):
     pytest makes any warning an error)."""
     params, x, state = _problem(kind, 3, 2, 4, 5, jnp.float32)
     monkeypatch.setenv("JLSTM_NATIVE_ISA", "off")
-    native.warn_fallback.cache_clear()
+    native._warned.clear()
     jax.clear_caches()
     fn = lambda p, x: jnp.sum(LAYERS[kind][0](p, x, state)[0])  # noqa: E731
     assert "jlstm_" not in jax.jit(fn).lower(params, x).as_text()
@@ -267,7 +267,7 @@ def test_gates_out_takes_xla_dots_without_openblas(monkeypatch):
     params, x, state = _problem("gru", 4, 3, 5, 6, jnp.float64, layers=2, bidirectional=True)
     loss = lambda p, x: jnp.sum(jnp.sin(jlstm.gru(p, x, state)[0]))  # noqa: E731
     grads = {}
-    native.warn_fallback.cache_clear()
+    native._warned.clear()
     for reason in (None, "scipy-openblas32 is not installed (test)"):
         monkeypatch.setattr(native, "blas_unavailable_reason", lambda reason=reason: reason)
         jax.clear_caches()
@@ -281,7 +281,7 @@ def test_gates_out_takes_xla_dots_without_openblas(monkeypatch):
         )
         grads[reason] = grad(params, x)
     assert_trees_close(*grads.values(), rtol=1e-12, atol=1e-12)
-    native.warn_fallback.cache_clear()
+    native._warned.clear()
     jax.clear_caches()
 
 
@@ -442,7 +442,7 @@ def test_auto_falls_back_when_native_is_unavailable(monkeypatch):
     second layer, a second call: no second warning); impl="native" says why it cannot run."""
     params, x, state = _problem("lstm", 3, 2, 4, 6, jnp.float32)
     monkeypatch.setattr(native, "unavailable_reason", lambda: "no library (test)")
-    native.warn_fallback.cache_clear()
+    native._warned.clear()
     jax.clear_caches()  # the layer stack is jitted: retrace with the patched availability
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -452,7 +452,7 @@ def test_auto_falls_back_when_native_is_unavailable(monkeypatch):
     assert "jlstm_" not in text
     warned = [str(w.message) for w in caught if w.category is native.NativeFallbackWarning]
     assert warned == [_fallback_message("loop", "no library (test)")]
-    native.warn_fallback.cache_clear()
+    native._warned.clear()
     with pytest.raises(
         ValueError,
         match=r"impl='native' \(the C\+\+ CPU loop\) cannot run this call: it is not available "

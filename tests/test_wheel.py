@@ -2,10 +2,12 @@
 level; installed into a fresh virtual environment in which every compiler fails, ``impl="auto"``
 runs the C++ loop on each level this CPU has (``JLSTM_NATIVE_ISA`` picks one) and equals
 ``impl="scan"``, ``python -m jlstm.native`` says so, and without the library a warning says what
-runs instead. (The wheel is built without build isolation, from this environment's jax and
-scikit-build-core, into the checkout's build/ folder, which ``make install`` has filled: CMake
-then compiles nothing again.)"""
+runs instead. (The wheel is built from this environment's jax and scikit-build-core where it has
+them, without build isolation, in the checkout's build/ folder, which ``make install`` has
+filled: CMake then compiles nothing again. Without scikit-build-core, pip builds as a user's pip
+does, fetching the build requirements.)"""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -51,10 +53,11 @@ def installed(tmp_path_factory):
     every compiler on PATH (and $CXX) failing."""
     tmp = tmp_path_factory.mktemp("wheel")
     pip = [sys.executable, "-m", "pip", "-q"]
+    no_isolation = (
+        [] if importlib.util.find_spec("scikit_build_core") is None else ["--no-build-isolation"]
+    )
     subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(ROOT)],
-        check=True,
-        cwd=ROOT,
+        [*pip, "wheel", "--no-deps", *no_isolation, "-w", str(tmp), str(ROOT)], check=True, cwd=ROOT
     )
     (wheel,) = tmp.glob("jlstm-*.whl")
     venv = tmp / "venv"
