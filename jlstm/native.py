@@ -145,16 +145,18 @@ def isa_choice() -> tuple[str | None, str]:
         return None, f"JLSTM_NATIVE_ISA must be one of {names} (or unset), got {asked!r}"
     if (reason := _supported_platform()) is not None:
         return None, reason
+    if asked in LEVELS:
+        missing = ", ".join(sorted(LEVELS[asked].cpu - _FLAGS))
+        if missing:
+            return None, f"JLSTM_NATIVE_ISA={asked}, but this CPU lacks {missing}"
+        return asked, f"JLSTM_NATIVE_ISA={asked}"
+    lacking = []
     for name, level in LEVELS.items():
-        if asked not in ("", "auto") and name != asked:
-            continue
-        missing = sorted(level.cpu - _FLAGS)
+        missing = ", ".join(sorted(level.cpu - _FLAGS))
         if not missing:
-            source = f"JLSTM_NATIVE_ISA={asked}" if asked in LEVELS else "the best level"
-            return name, f"{source}: the CPU has {', '.join(sorted(level.cpu - _V3)) or 'AVX2'}"
-        if asked in LEVELS:
-            return None, f"JLSTM_NATIVE_ISA={asked}, but this CPU lacks {', '.join(missing)}"
-    return None, f"this CPU lacks {', '.join(sorted(LEVELS['avx2'].cpu - _FLAGS))} (x86-64-v3)"
+            return name, "the best level this CPU runs" + "".join(f"; {m}" for m in lacking)
+        lacking.append(f"it lacks {missing} of {name}")
+    return None, f"this CPU lacks {missing} (x86-64-v3)"
 
 
 def _turned_off() -> bool:
@@ -217,7 +219,9 @@ def _compiler_identity(compiler: str) -> str:
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeUnavailable(f"cannot run the C++ compiler {compiler!r}: {e}") from None
     if done.returncode != 0:
-        raise NativeUnavailable(f"{compiler} --version failed: {done.stderr.strip()[-500:]}")
+        said = done.stderr.strip()[-500:]
+        said = f": {said}" if said else ""
+        raise NativeUnavailable(f"`{compiler} --version` exited with {done.returncode}{said}")
     return done.stdout
 
 
@@ -863,7 +867,8 @@ def main() -> None:
     level = found.level or "native (-march=native)"
     how = "compiled at first use" if found.built else "compiled at install"
     print("jlstm.native: the C++ loop is on (impl='auto' takes it on CPU)")
-    print(f"  ISA level: {level} ({found.why}; levels: {', '.join(LEVELS)}; JLSTM_NATIVE_ISA)")
+    overrides = "|".join((*LEVELS, "off"))
+    print(f"  ISA level: {level} ({found.why}; JLSTM_NATIVE_ISA={overrides} overrides)")
     print(f"  library:   {found.path} ({how})")
     print(f"  threads:   {_threads()} (JLSTM_NATIVE_THREADS caps them)")
     print(f"  BLAS:      {_blas_line()}")
