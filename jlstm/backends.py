@@ -27,6 +27,14 @@ platform being compiled or exported for. A CPU host exporting for ``cuda`` or ``
 kernels, not the interpreter. An explicit ``impl`` that cannot lower for the target raises a
 ``ValueError`` at lowering time that names the platform and what ``auto`` takes there.
 
+A CPU program that ``jax.export`` lowers is portable: where ``auto`` chose the C++ loop, the
+export lowers the ``fused`` loop instead (:func:`jlstm.loops.unless_exported`, which reads JAX's
+``for_export`` lowering parameter), so the artifact holds no jlstm custom call and runs without
+jlstm; a jitted call keeps the C++ loop. ``impl="native"`` exports the C++ calls on request
+(:func:`jlstm.native.export_checks`). Where ``auto`` cannot take the C++ loop on CPU for a call it
+covers (no library for this platform, a load failure), :class:`jlstm.native.NativeFallbackWarning`
+says so once per process.
+
 Every entry supports every JAX transformation (``grad`` of any order, ``jvp``, ``jacfwd``,
 ``jacrev``, ``hessian``, ``vmap``, ``shard_map``, ``checkpoint``): see :mod:`jlstm.loops` for how
 the fast loops keep their fast first-order backward (cuDNN's call included, :mod:`jlstm.cudnn`).
