@@ -3,9 +3,8 @@ level; installed into a fresh virtual environment in which every compiler fails,
 runs the C++ loop on each level this CPU has (``JLSTM_NATIVE_ISA`` picks one) and equals
 ``impl="scan"``, ``python -m jlstm.native`` says so, and without the library a warning says what
 runs instead. (The wheel is built from this environment's jax and scikit-build-core where it has
-them, without build isolation, in the checkout's build/ folder, which ``make install`` has
-filled: CMake then compiles nothing again. Without scikit-build-core, pip builds as a user's pip
-does, fetching the build requirements.)"""
+them, without build isolation, else as a user's pip builds it, fetching them; in the checkout's
+build/ folder, so that a second run compiles nothing.)"""
 
 import importlib.util
 import os
