@@ -864,7 +864,7 @@ def main() -> None:
         print("  impl='auto' runs the pure-JAX loop (impl='fused') on CPU")
         sys.exit(1)
     found = loaded()
-    level = found.level or "native (-march=native)"
+    level = found.level or "native"
     how = "compiled at first use" if found.built else "compiled at install"
     print("jlstm.native: the C++ loop is on (impl='auto' takes it on CPU)")
     overrides = "|".join((*LEVELS, "off"))
