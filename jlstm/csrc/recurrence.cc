@@ -1,5 +1,5 @@
-// The LSTM and GRU time loops for XLA CPU, as XLA FFI custom calls (jlstm.native builds, loads and
-// wraps them in jax.custom_vjp).
+// The LSTM and GRU time loops for XLA CPU, as XLA FFI custom calls (compiled at install, once per
+// ISA level; jlstm.native loads one and wraps them in jax.custom_vjp).
 //
 // XLA CPU runs a while loop's body on one core, and a step of a small recurrent layer is too little
 // work for its thread pool to split, so a jitted lax.scan uses one of the machine's cores. Here the
