@@ -24,9 +24,7 @@ LAYERS = {"lstm": (jlstm.lstm, jlstm.init_lstm), "gru": (jlstm.gru, jlstm.init_g
 @contextlib.contextmanager
 def spinning_processes(count):
     """``count`` processes that spin on a core each until the block ends."""
-    spinners = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)
-    ]
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
     try:
         yield
     finally:
@@ -36,7 +34,9 @@ def spinning_processes(count):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("size", [(40, 3, 8, 64), (12, 16, 32, 512)])  # weights in / out of the loop
+@pytest.mark.parametrize(
+    "size", [(40, 3, 8, 64), (12, 16, 32, 512)]
+)  # weights in / out of the loop
 def test_the_loop_beside_spinning_processes_gives_the_scan_paths_numbers(kind, size):
     layer, init = LAYERS[kind]
     length, batch, inp, hidden = size
