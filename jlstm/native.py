@@ -661,12 +661,16 @@ def _sequence_grads(d_in, d_h, x, hs, h0, w_ih, reverse, needed_dx):
     return dw_ih, dw_hh, dx if needed_dx else None
 
 
-def _bwd(reverse, portable_export, residuals, cotangents, needed):
-    fast = lambda r, c: _needed(_lstm_bwd(reverse, r, c, needed), needed)  # noqa: E731
-    portable = functools.partial(
-        _portable_backward, fused.lstm_recurrence, 6, reverse, needed=needed
-    )
-    return _unless_exported(portable_export, fast, portable, residuals, cotangents)
+def _backward(native_bwd, recurrence):
+    """A C++ loop's backward: ``native_bwd`` in a jitted call, the pure-JAX ``recurrence``'s in an
+    exported program (:func:`_unless_exported`)."""
+
+    def bwd(reverse, portable_export, residuals, cotangents, needed):
+        fast = lambda r, c: _needed(native_bwd(reverse, r, c, needed), needed)  # noqa: E731
+        portable = functools.partial(_portable_backward, recurrence, 6, reverse, needed=needed)
+        return _unless_exported(portable_export, fast, portable, residuals, cotangents)
+
+    return bwd
 
 
 def _lstm_bwd(reverse, residuals, cotangents, needed):
@@ -697,7 +701,10 @@ def _lstm_bwd(reverse, residuals, cotangents, needed):
 
 
 _lstm_loop = loops.loop_with_backward(
-    _forward, _bwd, loops.lstm_reference, "One LSTM direction (C++)."
+    _forward,
+    _backward(_lstm_bwd, fused.lstm_recurrence),
+    loops.lstm_reference,
+    "One LSTM direction (C++).",
 )
 
 
@@ -739,14 +746,6 @@ def _gru_native_forward(w_ih, w_hh, bias, b_hn, x, h0, valid, reverse, save):
     return outputs(hs, valid, reverse), (hs, acts)
 
 
-def _gru_bwd(reverse, portable_export, residuals, cotangents, needed):
-    fast = lambda r, c: _needed(_gru_native_bwd(reverse, r, c, needed), needed)  # noqa: E731
-    portable = functools.partial(
-        _portable_backward, fused.gru_recurrence, 6, reverse, needed=needed
-    )
-    return _unless_exported(portable_export, fast, portable, residuals, cotangents)
-
-
 def _gru_native_bwd(reverse, residuals, cotangents, needed):
     w_ih, w_hh, _, _, x, h0, valid, (hs, acts) = residuals
     dys, dh_n = cotangents
@@ -779,7 +778,10 @@ def _gru_native_bwd(reverse, residuals, cotangents, needed):
 
 
 _gru_loop = loops.loop_with_backward(
-    _gru_forward, _gru_bwd, loops.gru_reference, "One GRU direction (C++)."
+    _gru_forward,
+    _backward(_gru_native_bwd, fused.gru_recurrence),
+    loops.gru_reference,
+    "One GRU direction (C++).",
 )
 
 
