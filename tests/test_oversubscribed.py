@@ -1,12 +1,15 @@
 """The C++ loop beside busy cores: its team meets at a barrier every step, and a member that loses
-its core to another process (or to a library's spinning threads) must only slow it down, never
-change a value. Every core here is kept busy by spinning processes while the loop runs, so the
-team's members are preempted mid-step and its waiters go to sleep (csrc/recurrence.cc, Signal)."""
+its core to another process, or to a thread of the same process (a library's pool that spins after
+its own work, as torch's OpenMP team does), must only slow it down, never change a value. Every
+core here is kept busy while the loop runs, so the team's members are preempted mid-step and its
+waiters give way (csrc/recurrence.cc, spin_pause)."""
 
 import contextlib
+import ctypes
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +36,40 @@ def spinning_processes(count):
             p.wait()
 
 
+@contextlib.contextmanager
+def busy_threads(count):
+    """``count`` threads of this process that keep a core each busy until the block ends: each
+    fills an 8 MiB buffer over and over in C (libc's memset, called through ctypes, which lets go
+    of the GIL), so they run beside the loop's team as a library's spinning pool does."""
+    memset = ctypes.CDLL(None).memset
+    memset.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
+    stop = threading.Event()
+    buffers = [ctypes.create_string_buffer(8 << 20) for _ in range(count)]
+
+    def spin(buffer):
+        while not stop.is_set():
+            memset(buffer, 1, len(buffer))
+
+    threads = [threading.Thread(target=spin, args=(b,), daemon=True) for b in buffers]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+NEIGHBOURS = {"processes": spinning_processes, "threads": busy_threads}
+
+
+@pytest.mark.parametrize("neighbour", sorted(NEIGHBOURS))
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize(
     "size", [(40, 3, 8, 64), (12, 16, 32, 512)]
 )  # weights in / out of the loop
-def test_the_loop_beside_spinning_processes_gives_the_scan_paths_numbers(kind, size):
+def test_the_loop_beside_busy_cores_gives_the_scan_paths_numbers(kind, size, neighbour):
     layer, init = LAYERS[kind]
     length, batch, inp, hidden = size
     params = init(jax.random.key(0), inp, hidden, num_layers=2, bidirectional=True)
@@ -56,7 +88,7 @@ def test_the_loop_beside_spinning_processes_gives_the_scan_paths_numbers(kind, s
     want = jax.block_until_ready(run("scan")())
     native_run = run("native")
     jax.block_until_ready(native_run())  # compiled before the cores are taken
-    with spinning_processes(len(os.sched_getaffinity(0))):
+    with NEIGHBOURS[neighbour](len(os.sched_getaffinity(0))):
         got = [jax.block_until_ready(native_run()) for _ in range(3)]
     for each in got:
         for g, w in zip(jax.tree.leaves(each), jax.tree.leaves(want), strict=True):
