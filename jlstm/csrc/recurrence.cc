@@ -464,6 +464,20 @@ struct Team {
 // (0.6 s on two cores) took 1.2 s, one core, right after torch's (`python -m experiments.bench
 // --cases wide --modes fwd --impls torch,jlstm,flax`, 2-core Zen 3 EPYC, 2026-12-02).
 // Returns the team's size.
+//
+// Beside a spinning neighbour: torch's OpenMP team burns 3.7-7.5 ms of CPU after each of its calls
+// (its default wait policy), and a member that shares a core with it stalls the team at every
+// barrier until the scheduler runs it again (a helper lost 3.4 ms of a 1.1 ms mnist backward).
+// Calls that remembered their stalls (a member's thread CPU clock behind the wall clock) and ran
+// alone for a while after one, if their clean time was below the stall, were measured and not
+// kept (make bench's "jlstm after torch / alone", cases mnist, small, small-gru and long, with and
+// without, alternating; 2-core Xeon, Sapphire Rapids class, 2026-12-07). A while of 20 ms doubling
+// to 0.2 s took mnist fwd after torch to 0.82-1.24 of its time alone in 3 of 4 runs (3.15 in the
+// fourth; without: 2.10-4.53), but the while outlived the neighbour and jlstm alone got slower:
+// mnist fwd 0.51-0.60 ms against 0.38-0.47. 10 ms doubling to 50 ms, or ending the while when
+// /proc/loadavg showed a free core, gained nothing (2.29-3.46 against 1.17-3.51). The process' CPU
+// clock cannot tell that the neighbour left: Linux adds a thread's time on another core at its
+// next tick, and over a 0.4 ms call it read 0 to 1.9 times the call's wall time for the same one.
 int run_team(ffi::ThreadPool& pool, int n, double flops,
              const std::function<void(int, int)>& job) {
   const int helpers = static_cast<int>(std::min<int64_t>(n - 1, pool.num_threads()));
