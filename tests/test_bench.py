@@ -461,3 +461,17 @@ def test_compare_reports_the_spread_between_two_runs(tmp_path, capsys):
     assert "| mnist | fwd | jlstm/torch | 0.80 | 0.90 | +0.10 | /~ |" in printed
     assert "marked: * under load, ~ while the machine ran slow" in printed
     assert compare.main([str(a)]) == 2
+
+
+def test_compare_reports_the_spread_of_jlstm_after_torch(tmp_path, capsys):
+    def run(after_ms):
+        impls = {"jlstm": {"median_s": 1e-3}, "jlstm-after-torch": {"median_s": after_ms * 1e-3}}
+        record = {"case": "mnist", "mode": "fwd", "impls": impls, "loaded": False, "slow": False}
+        return {"date": "-", "results": [record]}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(run(1.1)))
+    b.write_text(json.dumps(run(4.5)))
+    assert compare.main([str(a), str(b)]) == 0
+    printed = capsys.readouterr().out
+    assert "| mnist | fwd | jlstm-after-torch/jlstm | 1.10 | 4.50 | +3.40 |  |" in printed

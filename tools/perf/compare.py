@@ -1,7 +1,8 @@
 """``python -m tools.perf.compare A.json B.json``: how far two ``make bench`` runs lie apart.
 
-Prints, for every (case, mode) both runs timed, each run's jlstm/torch and jlstm/flax ratios and
-the difference between them, then the largest difference: the run-to-run spread that a figure from
+Prints, for every (case, mode) both runs timed, each run's jlstm/torch and jlstm/flax ratios, and
+jlstm's time right after torch's over its time alone (``jlstm-after-torch/jlstm``), and the
+difference between them, then the largest difference: the run-to-run spread that a figure from
 one run should be read with. Two consecutive quiet runs on the same machine measure the benchmark's
 own noise; a run before and after a change measures the change against it. A run's JSON is
 ``runs/bench/bench.json``, or a CPU's committed result in ``benchmarks/results/``.
@@ -13,16 +14,20 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.bench.adapters import AFTER_TORCH
 from experiments.bench.report import marks
 
-RATIOS = (("jlstm", "torch"), ("jlstm", "flax"))
+RATIOS = (("jlstm", "torch"), ("jlstm", "flax"), (AFTER_TORCH, "jlstm"))
 
 
 def ratios(record: dict) -> dict[str, float]:
-    """``{"jlstm/torch": ..., "jlstm/flax": ...}`` of one (case, mode) record, where both were timed.
+    """``{"jlstm/torch": ..., "jlstm/flax": ..., "jlstm-after-torch/jlstm": ...}`` of one (case,
+    mode) record, each where both of its times were measured.
 
     >>> ratios({"impls": {"torch": {"median_s": 2.0}, "jlstm": {"median_s": 1.0}, "flax": {}}})
     {'jlstm/torch': 0.5}
+    >>> ratios({"impls": {"jlstm": {"median_s": 1.0}, "jlstm-after-torch": {"median_s": 3.0}}})
+    {'jlstm-after-torch/jlstm': 3.0}
     """
     t = {name: impl.get("median_s") for name, impl in record["impls"].items()}
     return {f"{a}/{b}": t[a] / t[b] for a, b in RATIOS if t.get(a) and t.get(b)}
