@@ -66,9 +66,8 @@ NEIGHBOURS = {"processes": spinning_processes, "threads": busy_threads}
 
 @pytest.mark.parametrize("neighbour", sorted(NEIGHBOURS))
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize(
-    "size", [(40, 3, 8, 64), (12, 16, 32, 512)]
-)  # weights in / out of the loop
+# Sizes with the weight gradients summed in the loop, and handed out to whole-sequence GEMMs.
+@pytest.mark.parametrize("size", [(40, 3, 8, 64), (12, 16, 32, 512)])
 def test_the_loop_beside_busy_cores_gives_the_scan_paths_numbers(kind, size, neighbour):
     layer, init = LAYERS[kind]
     length, batch, inp, hidden = size
